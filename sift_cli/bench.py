@@ -14,69 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 MODELS = {"tiny": "tiny-bert", "minilm": "minilm-l6"}
 DEFAULT_METHODS = ["full_ft", "lora", "bitfit", "sift", "sam", "random_mask", "magnitude", "fisher", "mixout",
                    "diff_pruning", "adapter", "prefix", "s4", "pac"]
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory while the block runs: max allocated on a GPU, sampled resident set size on a CPU."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        self._stop = threading.Event()
-        self.peak = _rss_bytes()
-
-        def sample():
-            while not self._stop.wait(0.002):
-                self.peak = max(self.peak, _rss_bytes())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, _rss_bytes())
-
-
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _optimizer_bytes(optimizer) -> int:
-    import torch
-
-    return sum(_tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-               for state in optimizer.state.values())
 
 
 def train_step_flops(model, batch: int, seq: int) -> float:
@@ -107,69 +54,33 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
 def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: int, overrides: list[str]) -> dict:
     """One method on one model and batch, in this process (the worker side of `sift-bench`)."""
     import torch
-    from hydra import compose, initialize_config_dir
 
-    from sift_cli.config import CONFIG_DIR
-    from sift_cli.run import Job
-    from sift_cli.tracking import Recorder
+    from sift_cli.memory.measure import PeakMemory, StepHarness
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        base = [f"model={model}", f"method={method}", "logger.mode=disabled", f"trainer.batch_size={batch}",
-                "trainer.grad_accum=1", *overrides]
-        if compose("config", overrides=base).model.kind == "causal_lm":  # a causal LM trains on instructions
-            base.insert(2, "task=instruct/alpaca")
-        cfg = compose("config", overrides=base)  # the batch is made here: seq need not fit the task's data
-        causal = cfg.task.kind == "instruct"
     with tempfile.TemporaryDirectory() as scratch:
-        job = Job(cfg, Path(scratch), None)
-        job.setup()
-        trainer = job.make_trainer(Recorder(Path(scratch), cfg.logger, "bench", None, {}))
-        trainer.ensure_optimizer()
+        harness = StepHarness.build(model, method, batch, seq, overrides, Path(scratch))
+        trainer = harness.trainer
         device = trainer.accelerator.device
-        generator = torch.Generator().manual_seed(0)
-        vocab = trainer.unwrapped_model.config.vocab_size
-        tokens = torch.randint(min(1000, vocab // 4), min(2000, vocab), (batch, seq), generator=generator)
-        labels = tokens.clone() if causal else torch.randint(0, job.task.num_labels, (batch,), generator=generator)
-        inputs = {"input_ids": tokens, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels}
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-        model_ = trainer.unwrapped_model
-        grads = {}
-
-        def optimizers(tr) -> list:  # the trainer's and those the method steps itself (PAC's noise scales)
-            return [tr.optimizer, *tr.method.own_optimizers()]
-
-        def count_gradients(tr):
-            tensors = {id(p): p.grad for p in model_.parameters() if p.grad is not None}
-            for optimizer in optimizers(tr):
-                for group in optimizer.param_groups:
-                    tensors.update({id(p): p.grad for p in group["params"] if p.grad is not None})
-            grads["bytes"] = _tensor_bytes(tensors.values())
-
-        trainer.gradient_callbacks.append(count_gradients)
-        trainer.model.train()
         for _ in range(warmup):
-            trainer.micro_step(inputs)
+            harness.step()
         times = []
         with PeakMemory(device) as memory:
             for _ in range(steps):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                trainer.micro_step(inputs)
+                harness.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)
-        step_s = statistics.median(times)
-        own_tensors = [p for o in trainer.method.own_optimizers() for g in o.param_groups for p in g["params"]]
+        model_ = trainer.unwrapped_model
         return {
             "model": model, "method": method, "batch": batch, "seq": seq, "device": device.type,
-            "step_s": step_s,
+            "step_s": statistics.median(times),
             "peak_memory_bytes": memory.peak,
-            "param_bytes": _tensor_bytes({id(p): p for p in [*model_.parameters(), *own_tensors]}.values()),
-            "grad_bytes": grads.get("bytes", 0),
-            "optimizer_bytes": sum(_optimizer_bytes(o) for o in optimizers(trainer)),
-            "trainable_params": job.trainable_params,
-            "total_params": job.total_params,
+            **{key: value for key, value in harness.state_bytes().items() if key != "buffer_bytes"},
+            "trainable_params": harness.job.trainable_params,
+            "total_params": harness.job.total_params,
             "train_flops": train_step_flops(model_, batch, seq) if method == "full_ft" else None,
         }
 

@@ -17,6 +17,18 @@ MODEL_INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def compose(overrides: list[str]) -> DictConfig:
+    """The config `sift-run OVERRIDES` would run, composed outside a Hydra app (sift-bench, sift-memory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose("config", overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
 def available_options(group: str) -> list[str]:
     """The names a config group accepts (`task` lists `glue/sst2`, ...)."""
     folder = Path(CONFIG_DIR) / group

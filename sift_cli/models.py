@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +74,33 @@ def _head_params(model: torch.nn.Module) -> set[str]:
     """For a randomly initialised model: the parameters outside the backbone (what a checkpoint lacks)."""
     prefix = getattr(model, "base_model_prefix", "")
     return {name for name, _ in model.named_parameters() if prefix and not name.startswith(prefix + ".")}
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_config(location: str, revision: str | None, trust_remote_code: bool, gguf_file: str | None):
+    """A checkpoint's config (a GGUF file's takes seconds to parse: once per process)."""
+    return AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code,
+                                      **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
+def skeleton(mcfg: DictConfig) -> torch.nn.Module | None:
+    """The model's modules without weights (on the meta device), built from its config alone, for the checks
+    that run before anything loads; None when the config cannot be read without a download."""
+    auto_class = AutoModelForCausalLM if mcfg.get("kind", "encoder") == "causal_lm" else AutoModelForSequenceClassification
+    overrides = OmegaConf.to_container(mcfg.config, resolve=True) if mcfg.config is not None else {}
+    model_type = overrides.pop("model_type", None)
+    try:
+        if model_type is not None:
+            config = AutoConfig.for_model(model_type, **overrides)
+        else:
+            config = copy.deepcopy(_stored_config(resolve_location(mcfg.pretrained), mcfg.revision,
+                                                  bool(mcfg.trust_remote_code), mcfg.get("gguf_file")))
+            for key, value in overrides.items():
+                setattr(config, key, value)
+        with torch.device("meta"):
+            return auto_class.from_config(config)
+    except (OSError, ValueError, SiftError):
+        return None
 
 
 def load_classifier(mcfg: DictConfig, num_labels: int, tokenizer, seed: int) -> LoadedModel:

@@ -44,6 +44,21 @@ def run_name(cfg: DictConfig) -> str:
     return f"{cfg.method.name}-{cfg.task.name}-{cfg.model.name}-s{cfg.seed}"
 
 
+def check_config(cfg: DictConfig):
+    """Every check that needs no data and no weights, before any work: the config's ranges, the method's
+    settings and their combinations with the run, and the settings against the model's modules (built from
+    its config alone). Returns the method."""
+    from sift_cli.methods import build_method
+    from sift_cli.models import skeleton
+
+    validate(cfg)
+    method = build_method(cfg.method, cfg)
+    modules = skeleton(cfg.model)
+    if modules is not None:
+        method.check_model(modules)
+    return method
+
+
 class Job:
     """One run: set-up (may fail with no trace), then training and evaluation (failures recorded)."""
 
@@ -62,14 +77,13 @@ class Job:
         import torch
         from accelerate.utils import set_seed
 
-        from sift_cli.methods import ModelContext, build_method
+        from sift_cli.methods import ModelContext
         from sift_cli.models import load_tokenizer
         from sift_cli.tasks import build_task
         from sift_cli.trainer import make_accelerator
 
         cfg = self.cfg
-        validate(cfg)
-        self.method = build_method(cfg.method)
+        self.method = check_config(cfg)
         self.accelerator = make_accelerator(cfg.trainer)
         set_seed(int(cfg.seed), deterministic=self.accelerator.device.type == "cpu")
         torch.use_deterministic_algorithms(False)
@@ -82,13 +96,22 @@ class Job:
         self.model = self.method.prepare(loaded.model, ctx)
 
     def make_trainer(self, recorder):
-        from sift_cli.runs import CHECKPOINT_DIR
+        """The loop, once the method has chosen from data what trains (SIFT's, SAM's entries, PAC's K)."""
         from sift_cli.trainer import Trainer
 
         self.trainer = Trainer(self.cfg, self.model, self.method, self.task, self.data, self.accelerator, recorder,
-                               checkpoint_dir=self.run_dir / CHECKPOINT_DIR, fingerprint=self.fingerprint)
+                               run_dir=self.run_dir, fingerprint=self.fingerprint)
+        self.method.select(self.trainer.context)
+        self.trainer.wrap_model()
         self.trainable_params = self.method.count_trainable(self.trainer.unwrapped_model)
         return self.trainer
+
+    def fit(self) -> dict:
+        """Train as the method says, put the model it reports in place, and return that model's test metrics."""
+        self.fitted = self.method.fit(self.trainer.loop)
+        if self.fitted.state is not None:
+            self.method.load_trainable_state(self.trainer.unwrapped_model, self.fitted.state)
+        return self.fitted.metrics if self.fitted.metrics is not None else self.trainer.evaluate_tests()
 
     def resume(self) -> None:
         """Continue from this run directory's checkpoint; the curve is cut back to the checkpoint's step."""
@@ -124,8 +147,7 @@ class Job:
                 log.info("%s: %d of %d parameters train (%.3f%%), %d steps", run_name(self.cfg),
                          self.trainable_params, self.total_params, 100 * self.trainable_params / self.total_params,
                          self.trainer.total_steps)
-                self.method.fit(self.trainer)
-            metrics = self.trainer.final_metrics()
+                metrics = self.fit()
             results = self.results("completed", metrics=metrics)
             if self.cfg.save.weights and is_main:
                 self.save_weights()
@@ -155,6 +177,8 @@ class Job:
 
         cfg = self.cfg
         trainer = getattr(self, "trainer", None)
+        fitted = getattr(self, "fitted", None)
+        extra = fitted.extra_time_s if fitted else {}
         metrics = metrics or {}
         main_metric = cfg.task.main_metric
         trainable = getattr(self, "trainable_params", None)
@@ -172,11 +196,11 @@ class Job:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_pct": 100 * trainable / total if trainable is not None and total else None,
-            "train_time_s": trainer.train_time_s if trainer else None,
-            "eval_time_s": trainer.eval_time_s if trainer else None,
+            "train_time_s": trainer.train_time_s + extra.get("train", 0.0) if trainer else None,
+            "eval_time_s": trainer.eval_time_s + extra.get("eval", 0.0) if trainer else None,
             "wall_time_s": time.perf_counter() - self.clock,
             "steps": trainer.step if trainer else 0,
-            "selection": trainer.selection_info() if trainer else None,
+            "selection": (fitted.selection if fitted else trainer.selection_info()) if trainer else None,
             "start_metrics": trainer.start_metrics if trainer else None,
             "data": getattr(getattr(self, "data", None), "info", None),
             "method_info": self.method.summary() if hasattr(self, "method") else {},

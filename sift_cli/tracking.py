@@ -49,6 +49,12 @@ class Recorder:
             self.wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")},
                            step=int(record["step"]))
 
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
             for key, value in values.items():

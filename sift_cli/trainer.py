@@ -1,7 +1,8 @@
 """The one training loop, on `accelerate`: the same code on a CPU, a GPU with bf16, or several processes.
 
 AdamW (or the method's optimizer), linear warm-up and decay, gradient accumulation, clipping, periodic
-evaluation on the selection split, and the best checkpoint restored before the final evaluation.
+evaluation on the selection split, and the best trainable state kept for the final evaluation. Methods see
+the loop only through `sift_cli.context` (a `RunContext` in their hooks, a `Loop` in `fit`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from sift_cli.context import FitResult, Loop, RunContext
 from sift_cli.errors import Interrupted, SiftError, TrainingDiverged
 from sift_cli.results import write_bytes_atomic
-from sift_cli.runs import CHECKPOINT_FILE, FINGERPRINT_FILE
-from sift_cli.tasks.classification import EvalSet, TaskData
+from sift_cli.runs import CHECKPOINT_DIR, CHECKPOINT_FILE, FINGERPRINT_FILE
+from sift_cli.tasks.base import EvalSet, TaskData
 
 log = logging.getLogger("sift_cli")
 
@@ -64,8 +66,11 @@ def _score(metrics: dict, key: str, maximize: bool) -> float:
 
 
 class Trainer:
+    """The loop. Built with the model on its device but not yet wrapped for data parallelism: the runner
+    lets the method choose its trainable set from data (`Method.select`) and then calls `wrap_model`."""
+
     def __init__(self, cfg, model, method, task, data: TaskData, accelerator: Accelerator, recorder,
-                 checkpoint_dir: Path | None = None, fingerprint: str = ""):
+                 run_dir: Path | None = None, fingerprint: str = ""):
         self.cfg = cfg
         self.tcfg = cfg.trainer
         self.method = method
@@ -74,6 +79,8 @@ class Trainer:
         self.accelerator = accelerator
         self.recorder = recorder  # writes metrics.jsonl and mirrors to W&B (main process only)
         self.select_on = task.select_on
+        self.run_dir = run_dir
+        self.checkpoint_dir = run_dir / CHECKPOINT_DIR if run_dir is not None else None
 
         generator = torch.Generator().manual_seed(int(cfg.seed))
         loader = DataLoader(
@@ -88,11 +95,7 @@ class Trainer:
         self.total_steps = int(self.tcfg.max_steps or self.tcfg.epochs * self.steps_per_epoch)
         self.eval_every = int(self.tcfg.eval_every or self.steps_per_epoch)
         self.train_loader = accelerator.prepare_data_loader(loader)
-        # Methods that choose their trainable set from data (SIFT, SAM, ...) do so before the model is
-        # wrapped for data parallelism, which fixes the set of parameters it synchronises.
         self.model = model.to(accelerator.device)
-        method.setup(self)
-        self.model = accelerator.prepare_model(self.model)
         self.optimizer = None
         self.scheduler = None
         self.step = 0
@@ -101,7 +104,6 @@ class Trainer:
         self.running_loss = [0.0, 0]  # sum and count of micro-batch losses since the last log line
         # Called with the trainer once gradients are complete, before the optimizer step (analyses, benchmarks)
         self.gradient_callbacks: list = []
-        self.checkpoint_dir = checkpoint_dir
         self.fingerprint = fingerprint
         self.stop_requested: str | None = None  # set by a signal handler: checkpoint and stop at the next step
         self.best = Best()
@@ -112,7 +114,18 @@ class Trainer:
         self._eval_loaders: dict[str, DataLoader] = {}
         show = self.tcfg.progress_bar
         self.show_progress = (sys.stderr.isatty() if show == "auto" else bool(show)) and accelerator.is_main_process
-        if cfg.analysis.grad_sparsity:
+        self.context = RunContext(self)  # what the method's hooks and the task's evaluation see
+        self.loop = Loop(self)  # what the method's fit drives
+        self._wrapped = False
+
+    def wrap_model(self) -> None:
+        """Wrap the model for data parallelism, which fixes the parameters it synchronises: after the method
+        has chosen its trainable set (`Method.select`), before the first step."""
+        if self._wrapped:
+            return
+        self.model = self.accelerator.prepare_model(self.model)
+        self._wrapped = True
+        if self.cfg.analysis.grad_sparsity:
             self._probe_gradient_sparsity()
 
     def _probe_gradient_sparsity(self) -> None:
@@ -169,7 +182,8 @@ class Trainer:
     def ensure_optimizer(self) -> None:
         if self.optimizer is not None:
             return
-        self.method.on_train_begin(self)
+        self.wrap_model()
+        self.method.on_train_begin(self.context)
         optimizer = self.method.create_optimizer(self.unwrapped_model, self.tcfg)
         warmup = round(float(self.tcfg.warmup_ratio) * self.total_steps)
         if self.tcfg.schedule == "constant":
@@ -179,7 +193,7 @@ class Trainer:
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        loss = self.method.training_loss(self, batch)
+        loss = self.method.training_loss(self.context, batch)
         if not torch.isfinite(loss.detach()).all():
             raise TrainingDiverged(f"the training loss became {loss.item()} at step {self.step + 1}; run stopped")
         return loss
@@ -194,7 +208,7 @@ class Trainer:
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 if self.tcfg.max_grad_norm:
-                    self.method.clip_gradients(self, float(self.tcfg.max_grad_norm))
+                    self.method.clip_gradients(self.context, float(self.tcfg.max_grad_norm))
                 for callback in self.gradient_callbacks:
                     callback(self)
             self.optimizer.step()
@@ -203,7 +217,7 @@ class Trainer:
             return loss.item(), False
         self.scheduler.step()
         self.step += 1
-        self.method.after_optimizer_step(self)
+        self.method.after_optimizer_step(self.context)
         return loss.item(), True
 
     def train(self, until_step: int | None = None) -> None:
@@ -320,7 +334,7 @@ class Trainer:
     def evaluate(self, eval_set: EvalSet) -> dict[str, float]:
         """Metrics of one evaluation set; the task decides how it is scored."""
         started = time.perf_counter()
-        metrics = self.task.evaluate(self, eval_set)
+        metrics = self.task.evaluate(self.context, eval_set)
         self.eval_time_s += time.perf_counter() - started
         return metrics
 
@@ -351,13 +365,12 @@ class Trainer:
         if score > self.best.score or self.best.step < 0:
             self.best = Best(score, self.step, metrics, self.method.trainable_state(self.unwrapped_model))
 
-    def final_metrics(self) -> dict[str, float]:
-        """Test metrics of the selected model (restored first); with validation selection, its evaluation."""
-        if self.best.state is not None:
-            self.method.load_trainable_state(self.unwrapped_model, self.best.state)
-        if self.select_on == "validation" and self.best.step >= 0:
-            return dict(self.best.metrics)
-        return self.evaluate_tests()
+    def selected(self) -> FitResult:
+        """The selected model: its trainable state (none when the last step is kept) and, when the
+        validation sets selected it, the metrics of that evaluation."""
+        validated = self.select_on == "validation" and self.best.step >= 0
+        return FitResult(state=self.best.state, metrics=dict(self.best.metrics) if validated else None,
+                         selection=self.selection_info())
 
     def selection_info(self) -> dict:
         info = {"on": self.select_on, "metric": self.task.main_metric}

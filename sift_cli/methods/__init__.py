@@ -1,6 +1,13 @@
-"""Fine-tuning methods, one module each, registered by name (the `name` of a `method/` config)."""
+"""Fine-tuning methods, one module each, registered by name (the `name` of a `method/` config).
+
+`build_method` checks a method's settings against its typed schema (`Method.Settings`) and its `check`
+before anything else happens, so a bad setting costs one line and no work.
+"""
 
 from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from sift_cli.errors import SiftError
 from sift_cli.methods.base import Method, ModelContext
@@ -15,11 +22,43 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def build_method(cfg) -> Method:
-    name = cfg.name
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def typed_settings(cls: type[Method], cfg, run: DictConfig | None = None, where: str = "method") -> DictConfig:
+    """`cfg` merged into the method's schema (types converted, unknown keys refused), then checked."""
+    given = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    schema = OmegaConf.structured(cls.Settings)
+    try:
+        typed = OmegaConf.merge(schema, given)
+        settings = OmegaConf.to_object(typed)
+    except ConfigKeyError as err:
+        known = ", ".join(k for k in schema if k != "name")
+        raise SiftError(f"{where}.{err.key} is not a setting of method={cls.name}; its settings: {known}") from None
+    except ValidationError as err:
+        raise SiftError(f"{where}.{err.full_key}: {_first_line(err)}") from None
+    except OmegaConfBaseException as err:
+        raise SiftError(f"{where}: {_first_line(err)}") from None
+    settings.where = where
+    settings.check(run)
+    return typed
+
+
+def build_method(cfg, run: DictConfig | None = None, where: str = "method") -> Method:
+    """The method `cfg` names, its settings checked (with `run`, the whole config, their combinations with
+    the rest of the run too)."""
+    if not OmegaConf.is_dict(cfg) and not isinstance(cfg, dict):
+        raise SiftError(f"{where}={cfg}: name the method with the config group, "
+                        f"{'method=NAME' if where == 'method' else f'method@{where}=NAME'} (its settings are then "
+                        f"{where}.KEY)")
+    name = cfg.get("name")
     if name not in METHODS:
-        raise SiftError(f"unknown method '{name}'; choose from: {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg)
+        where_ = "" if where == "method" else f"{where}: "
+        raise SiftError(f"{where_}unknown method '{name}'; choose from: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    return cls(typed_settings(cls, cfg, run, where))
 
 
 from sift_cli.methods import adapter, bitfit, diff_pruning, fisher, full_ft, graft, lora, magnitude, mixout, pac, prefix, random_mask, s4, sam, sift  # noqa: E402,F401  (each registers itself)

@@ -6,15 +6,20 @@ placement only the one after the FFN. The bottleneck is `method.bottleneck`, or 
 `method.reduction_factor` (exactly one of the two is set).
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
 from sift_cli.errors import SiftError
+from sift_cli.memory.model import Plan, Training
 from sift_cli.methods import register_method
-from sift_cli.methods.base import Method
+from sift_cli.methods.base import Method, Settings, is_count
 from sift_cli.methods.layers import PLACEMENTS, adapter_cost, attach_adapters, encoder_layers, train_only
 
 
 def bottleneck_size(cfg, hidden: int) -> int:
-    if (cfg.bottleneck is None) == (cfg.reduction_factor is None):
-        raise SiftError("method=adapter: set exactly one of method.bottleneck and method.reduction_factor")
+    """`method.bottleneck`, or the hidden size divided by `method.reduction_factor` (settings give one)."""
     size = cfg.bottleneck if cfg.bottleneck is not None else int(hidden // cfg.reduction_factor)
     if not isinstance(size, int) or size < 1:
         raise SiftError(f"method=adapter: the bottleneck must be a positive integer, got {size!r} "
@@ -22,18 +27,36 @@ def bottleneck_size(cfg, hidden: int) -> int:
     return size
 
 
+@dataclass
+class AdapterSettings(Settings):
+    placement: str = MISSING  # houlsby | pfeiffer
+    reduction_factor: Optional[float] = MISSING  # bottleneck = hidden size / reduction_factor ...
+    bottleneck: Optional[int] = MISSING  # ... or given directly (exactly one of the two)
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(self.placement in PLACEMENTS, "placement", f"one of {', '.join(PLACEMENTS)}")
+        if (self.bottleneck is None) == (self.reduction_factor is None):
+            self.refuse(f"method=adapter: set exactly one of {self.where}.bottleneck and {self.where}.reduction_factor")
+        self.need(self.bottleneck is None or is_count(self.bottleneck), "bottleneck", "a positive integer")
+        self.need(self.reduction_factor is None or self.reduction_factor > 0, "reduction_factor", "> 0")
+
+
 @register_method
 class AdapterTuning(Method):
     name = "adapter"
+    Settings = AdapterSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.info = {}
 
+    def check_model(self, model):
+        layers = encoder_layers(model, self.name)
+        bottleneck_size(self.cfg, layers[0].attention.self.key.in_features)
+
     def prepare(self, model, ctx):
         placement = self.cfg.placement
-        if placement not in PLACEMENTS:
-            raise SiftError(f"method.placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         layers = encoder_layers(model, self.name)
         size = bottleneck_size(self.cfg, layers[0].attention.self.key.in_features)
         added = [adapter for layer in layers for adapter in attach_adapters(layer, size, placement)]
@@ -41,6 +64,17 @@ class AdapterTuning(Method):
         self.info = {"placement": placement, "bottleneck": size, "layers": len(layers),
                      "adapter_params": adapter_cost(layers[0], placement).at(size) * len(layers)}
         return model
+
+    def memory_plan(self, parts):
+        parts.encoder_only(self.name)
+        h = parts.arch.hidden
+        width = bottleneck_size(self.cfg, h)
+        places = PLACEMENTS[self.cfg.placement]
+        adapters = parts.arch.layers * len(places) * (2 * h * width + width + h)  # down and up, with biases
+        training = Training(parts.head_modes, norms="frozen", embeddings=False, adapter_width=width,
+                            adapter_places=places)
+        w = parts.weight_bytes
+        return Plan(training, [(adapters + parts.head_params, w)], added=[(adapters, w)])
 
     def summary(self):
         return self.info

@@ -1,20 +1,26 @@
-"""The interface every fine-tuning method implements, with full fine-tuning's behaviour as the default.
+"""The contract every fine-tuning method implements, with full fine-tuning's behaviour as the default.
 
-A method decides what trains (`prepare`), how it is optimised (`create_optimizer`), and may add phases
-(`fit`: a burn-in before training, two stages, a mask search after it) or act at fixed points of the
-one training loop (the `on_*`/`after_*` hooks). The runner and the trainer never ask which method runs.
+A method declares its settings (`Settings`, a typed schema checked before anything loads), decides what
+trains (`prepare`, and from data in `select`), how it is optimised (`create_optimizer`), what its memory
+costs (`memory_plan`), and may add phases (`fit`) or act at fixed points of the one training loop (the
+hooks). Hooks see the run through a `RunContext`, `fit` drives a `Loop` and returns a `FitResult`
+(sift_cli/context.py). The runner and the trainer never ask which method runs.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
+
+from sift_cli.errors import SiftError
 
 if TYPE_CHECKING:
-    from sift_cli.trainer import Trainer
+    from sift_cli.context import FitResult, Loop, RunContext
+    from sift_cli.memory.model import Parts, Plan
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -33,16 +39,55 @@ class ModelContext:
         return sorted({name.split(".", 1)[0] for name in self.new_params})
 
 
+# ---- settings -----------------------------------------------------------------------------------------
+def is_count(value, least: int = 1) -> bool:
+    """An integer (not a bool) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+@dataclass
+class Settings:
+    """`method.*` of every method: its name and its usual learning rate. A method's own settings extend
+    this schema; `check` states their ranges and combinations, and runs before any model or data loads."""
+
+    name: str = MISSING
+    lr: Optional[float] = None  # the method's usual learning rate: the default of trainer.lr
+
+    where: ClassVar[str] = "method"  # where these settings stand in the config (method.base for a base)
+
+    def check(self, run: DictConfig | None) -> None:
+        """Refuse out-of-range values and bad combinations; `run` is the whole config (None: the method alone)."""
+        self.need(self.lr is None or self.lr > 0, "lr", "> 0")
+
+    def need(self, ok: bool, key: str, requirement: str) -> None:
+        if not ok:
+            raise SiftError(f"{self.where}.{key} must be {requirement}, got {getattr(self, key)!r}")
+
+    def refuse(self, message: str) -> None:
+        raise SiftError(message)
+
+
+# ---- the method ---------------------------------------------------------------------------------------
 class Method:
     name = "base"
+    Settings: ClassVar[type[Settings]] = Settings
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+        self.cfg = cfg  # method.* checked against `Settings` (build_method)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Checks of the settings against the model's modules, before the model loads: `model` is built from
+        its config alone, without weights (target names that match nothing, layers that do not add up)."""
 
     # ---- what trains -------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, ctx: ModelContext) -> torch.nn.Module:
         """Mark the trainable parameters (or wrap the model) and return the model to train."""
         return model
+
+    def select(self, run: "RunContext") -> None:
+        """Once, with the model on its device and before the first step (and before the model is wrapped for
+        data parallelism, which fixes what it synchronises): what the method decides from data, such as
+        SIFT's and SAM's trainable entries or PAC's moment constant. The runner calls it as a step of its own."""
 
     def count_trainable(self, model: torch.nn.Module) -> int:
         """Number of trainable entries (a sparse method counts its selected entries, not whole tensors)."""
@@ -62,28 +107,26 @@ class Method:
 
     def own_optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers the method builds and steps itself besides the trainer's (PAC's noise scales), so that
-        sift-bench counts their tensors, gradients and state."""
+        what its optimizers hold is counted (sift-bench, the contract test)."""
         return []
 
-    def clip_gradients(self, trainer: "Trainer", max_norm: float) -> None:
-        params = [p for p in trainer.model.parameters() if p.requires_grad]
-        trainer.accelerator.clip_grad_norm_(params, max_norm)
+    def clip_gradients(self, run: "RunContext", max_norm: float) -> None:
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        run.accelerator.clip_grad_norm_(params, max_norm)
 
     # ---- phases and hooks --------------------------------------------------------------------------
-    def fit(self, trainer: "Trainer") -> None:
-        """The whole training of a run; methods with extra phases run them around `trainer.train()`."""
-        trainer.train()
+    def fit(self, loop: "Loop") -> "FitResult":
+        """The whole training of a run; methods with extra phases run them around `loop.train()`."""
+        loop.train()
+        return loop.selected()
 
-    def training_loss(self, trainer: "Trainer", batch: dict) -> torch.Tensor:
-        return trainer.model(**batch).loss
+    def training_loss(self, run: "RunContext", batch: dict) -> torch.Tensor:
+        return run.model(**batch).loss
 
-    def setup(self, trainer: "Trainer") -> None:
-        """Once, before the model is wrapped for data parallelism: choose a trainable set from data."""
+    def on_train_begin(self, run: "RunContext") -> None:
+        """When the loop builds its optimizer (the first `train`, or a resumed run), before the optimizer."""
 
-    def on_train_begin(self, trainer: "Trainer") -> None:
-        """At the first call of `trainer.train()`, before the optimizer is built."""
-
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, run: "RunContext") -> None:
         """After each optimizer step (not after accumulation micro-steps)."""
 
     # ---- what is kept --------------------------------------------------------------------------------
@@ -111,6 +154,54 @@ class Method:
     def summary(self) -> dict:
         """Method-specific facts for results.json (derived sizes, selected budget, ...)."""
         return {}
+
+    # ---- what it costs ---------------------------------------------------------------------------------
+    def memory_plan(self, parts: "Parts") -> "Plan":
+        """What the method trains, adds and keeps on an architecture, for `sift-memory`'s prediction."""
+        raise SiftError(f"method={self.name} is not modelled by sift-memory")
+
+
+# Every hook of the contract: what a method built on another forwards to it unless it overrides it.
+HOOKS = tuple(name for name, value in vars(Method).items()
+              if inspect.isfunction(value) and not name.startswith("_"))
+
+
+@dataclass
+class WrapperSettings(Settings):
+    base: Any = MISSING  # the base method's settings: a defaults entry `/method@base: NAME` of the method file
+
+
+class Wrapper(Method):
+    """A method built on another (`method.base`, composed by Hydra from conf/method/BASE.yaml, so that
+    `method@method.base=NAME` picks it and `method.base.KEY=VALUE` sets its settings). Every hook of the
+    contract goes to the base unless the wrapper overrides it."""
+
+    Settings = WrapperSettings
+
+    def __init__(self, cfg: DictConfig):
+        from sift_cli.methods import build_method
+
+        super().__init__(cfg)
+        self.base = build_method(cfg.base, where=f"{WrapperSettings.where}.base")
+        if self.base.name == self.name:
+            raise SiftError(f"method.base must name another method than {self.name}")
+
+    def overridden_by_base(self, hooks) -> list[str]:
+        """The hooks among `hooks` whose base implementation is not the contract's default."""
+        return [hook for hook in hooks if getattr(type(self.base), hook) is not getattr(Method, hook)]
+
+
+def _forward(hook: str):
+    def forward(self, *args, **kwargs):
+        return getattr(self.base, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    forward.__doc__ = f"The base method's `{hook}`."
+    return forward
+
+
+for _hook in HOOKS:
+    setattr(Wrapper, _hook, _forward(_hook))
 
 
 def freeze_all_but(model: torch.nn.Module, keep) -> None:

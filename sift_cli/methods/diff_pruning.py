@@ -22,14 +22,16 @@ Phase 1 holds a dense diff, gate and their AdamW states for every target weight 
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import nn
 
-from sift_cli.errors import SiftError
 from sift_cli.methods import register_method
-from sift_cli.methods.sparse import SparseMethod, replace_module, select_top, train_briefly
+from sift_cli.methods.base import is_count
+from sift_cli.methods.sparse import SparseMethod, SparseSettings, replace_module, select_top, train_briefly
 
 
 class HardConcreteDiff(nn.Module):
@@ -60,20 +62,40 @@ class HardConcreteDiff(nn.Module):
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+@dataclass
+class DiffPruningSettings(SparseSettings):
+    l0_steps: int = MISSING
+    diff_lr: float = MISSING
+    alpha_lr: float = MISSING
+    alpha_init: float = MISSING
+    concrete_lower: float = MISSING
+    concrete_upper: float = MISSING
+    temperature: float = MISSING
+    sparsity_penalty: float = MISSING
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(is_count(self.l0_steps, 0), "l0_steps", "a non-negative integer")
+        for key in ("diff_lr", "alpha_lr", "temperature"):
+            self.need(getattr(self, key) > 0, key, "> 0")
+        self.need(self.sparsity_penalty >= 0, "sparsity_penalty", ">= 0")
+        if not self.concrete_lower < 0 < self.concrete_upper:
+            self.refuse(f"{self.where}.concrete_lower must be < 0 < {self.where}.concrete_upper, got "
+                        f"{self.concrete_lower} and {self.concrete_upper}")
+
+
 @register_method
 class DiffPruning(SparseMethod):
     name = "diff_pruning"
+    Settings = DiffPruningSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.open_gates: int | None = None  # entries whose gate is still open after the L0 phase
 
-    def select(self, trainer, targets):
+    def choose(self, run, targets):
         cfg = self.cfg
-        if not cfg.concrete_lower < 0 < cfg.concrete_upper:
-            raise SiftError(f"method.concrete_lower must be < 0 < method.concrete_upper, got "
-                            f"{cfg.concrete_lower} and {cfg.concrete_upper}")
-        model = trainer.unwrapped_model
+        model = run.unwrapped_model
         gated = {name: HardConcreteDiff(linear, float(cfg.alpha_init), float(cfg.concrete_lower),
                                         float(cfg.concrete_upper), float(cfg.temperature)).to(linear.weight.device)
                  for name, linear in targets.items()}
@@ -86,7 +108,7 @@ class DiffPruning(SparseMethod):
         for name, layer in gated.items():
             replace_module(model, name, layer)
         try:
-            train_briefly(trainer, [{"params": [g.diff for g in gated.values()] + head, "lr": float(cfg.diff_lr)},
+            train_briefly(run, [{"params": [g.diff for g in gated.values()] + head, "lr": float(cfg.diff_lr)},
                                     {"params": [g.log_alpha for g in gated.values()], "lr": float(cfg.alpha_lr)}],
                           int(cfg.l0_steps), loss_of)
         finally:
@@ -103,9 +125,9 @@ class DiffPruning(SparseMethod):
         self.start_values = {name: diffs[name].view(-1)[index] for name, index in chosen.items()}
         return chosen
 
-    def setup(self, trainer) -> None:
+    def select(self, run) -> None:
         """The fine-tuning phase starts from W0 + delta at the kept entries, its increment measured from W0."""
-        super().setup(trainer)
+        super().select(run)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 layer.values += self.start_values[name].to(layer.values.dtype)

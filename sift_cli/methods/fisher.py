@@ -8,15 +8,17 @@ ChildTuning-D itself sums over the whole training set; set `burnin_steps` to an 
 """
 
 from sift_cli.methods import register_method
+from sift_cli.methods.sam import BurnInSettings
 from sift_cli.methods.sparse import SparseMethod, gradient_statistic, select_top
 
 
 @register_method
 class Fisher(SparseMethod):
     name = "fisher"
+    Settings = BurnInSettings
 
-    def select(self, trainer, targets):
-        accum = int(trainer.tcfg.grad_accum)
-        scores = gradient_statistic(trainer, targets, int(self.cfg.burnin_steps) * accum, lambda g: g.square(),
+    def choose(self, run, targets):
+        accum = int(run.tcfg.grad_accum)
+        scores = gradient_statistic(run, targets, int(self.cfg.burnin_steps) * accum, lambda g: g.square(),
                                     micro_batches=accum)
         return select_top(scores, float(self.cfg.sparse_rate), "per_tensor")

@@ -43,15 +43,19 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, List, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
+from sift_cli.context import FitResult
 from sift_cli.errors import Interrupted, SiftError
-from sift_cli.methods import build_method, register_method
-from sift_cli.methods.base import Method
+from sift_cli.methods import register_method
+from sift_cli.methods.base import Wrapper, WrapperSettings, is_count
 from sift_cli.methods.sparse import apply_export, global_top_indices
+from sift_cli.tasks.base import EvalSet
 
 log = logging.getLogger("sift_cli")
 MODELS = ("pretrained", "fine_tuned", "grafted", "random_graft")
@@ -141,33 +145,54 @@ def mask_size(mask: dict[str, torch.Tensor]) -> int:
     return int(sum(int(m.sum()) for m in mask.values()))
 
 
+@dataclass
+class GraftSettings(WrapperSettings):
+    source: Optional[str] = MISSING  # a finished run directory whose saved weights are theta_ft
+    freeze: List[str] = MISSING  # groups the base fine-tuning leaves at theta_pre: embeddings, head
+    layer_pattern: str = MISSING  # the region's layers (group 1 = the layer number)
+    include_embeddings: bool = MISSING
+    include_head: bool = MISSING
+    sparsity: float = MISSING
+    sigmoid_bias: float = MISSING
+    mask_lr: float = MISSING
+    mask_steps: int = MISSING
+    mask_batches: Optional[int] = MISSING
+    expects: Any = MISSING  # filled from the run's config: what a source run must share with this one
+
+    def check(self, run) -> None:
+        """Out-of-range mask-search settings fail at set-up, not after the fine-tuning."""
+        super().check(run)
+        self.need(0 < self.sparsity <= 1, "sparsity", "in (0, 1]")
+        self.need(self.mask_lr > 0, "mask_lr", "> 0")
+        self.need(is_count(self.mask_steps, 0), "mask_steps", "a non-negative integer")
+        self.need(self.mask_batches is None or is_count(self.mask_batches), "mask_batches",
+                  "a positive integer or null")
+        self.need(set(self.freeze) <= {"embeddings", "head"}, "freeze", "a list of groups among embeddings and head")
+        try:
+            re.compile(self.layer_pattern)
+        except re.error:
+            self.need(False, "layer_pattern", "a regular expression whose group 1 is the layer number")
+        if run is not None and run.task.kind != "classification":  # the comparison scores logits with GLUE metrics
+            self.refuse(f"method=graft works with classification tasks, not task.kind={run.task.kind}")
+
+
 @register_method
-class Graft(Method):
+class Graft(Wrapper):
     name = "graft"
+    Settings = GraftSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        _check_settings(cfg)
-        self.base = build_method(self._base_config())
         self.info: dict = {}
 
-    def _base_config(self):
-        """The base method's own config file (conf/method/BASE.yaml); graft's `lr` is its learning rate."""
-        from sift_cli.config import CONFIG_DIR
-
-        path = Path(CONFIG_DIR) / "method" / f"{self.cfg.base}.yaml"
-        if self.cfg.base == self.name or not path.is_file():
-            raise SiftError(f"method.base='{self.cfg.base}' is not a fine-tuning method (a conf/method/ name "
-                            "other than graft, e.g. full_ft)")
-        return OmegaConf.load(path)
+    def check_model(self, model):
+        self.base.check_model(model)
+        self._choose_region({name: p.numel() for name, p in model.named_parameters()})
 
     # ---- the base fine-tuning: the base method decides -----------------------------------------------
     def prepare(self, model, ctx):
-        if ctx.task_kind != "classification":  # the comparison scores logits with the task's GLUE metrics
-            raise SiftError(f"method=graft works with classification tasks, not task.kind={ctx.task_kind}")
         self.pretrained = snapshot(model)
-        self.groups = {name: group_of(name, self.cfg.layer_pattern) for name in self.pretrained}
-        self._choose_region()
+        self._choose_region({name: value.numel() for name, value in self.pretrained.items()})
         model = self.base.prepare(model, ctx)
         self._check_in_place(model)
         frozen = set(self.cfg.freeze or [])
@@ -178,47 +203,13 @@ class Graft(Method):
             self._load_source(model)
         return model
 
-    def setup(self, trainer):
-        self.base.setup(trainer)
-
-    def count_trainable(self, model):
-        return self.base.count_trainable(model)
-
-    def param_groups(self, model, weight_decay):
-        return self.base.param_groups(model, weight_decay)
-
-    def create_optimizer(self, model, tcfg):
-        return self.base.create_optimizer(model, tcfg)
-
-    def clip_gradients(self, trainer, max_norm):
-        self.base.clip_gradients(trainer, max_norm)
-
-    def training_loss(self, trainer, batch):
-        return self.base.training_loss(trainer, batch)
-
-    def on_train_begin(self, trainer):
-        self.base.on_train_begin(trainer)
-
-    def after_optimizer_step(self, trainer):
-        self.base.after_optimizer_step(trainer)
-
-    def trainable_state(self, model):
-        return self.base.trainable_state(model)
-
-    def load_trainable_state(self, model, state):
-        self.base.load_trainable_state(model, state)
-
-    def state_dict(self):
-        return self.base.state_dict()
-
-    def load_state_dict(self, state):
-        self.base.load_state_dict(state)
-
-    def _choose_region(self) -> None:
-        """The masked tensors (layers, and embeddings or head when included) and the base patch size k."""
+    def _choose_region(self, sizes: dict[str, int]) -> None:
+        """The masked tensors (layers, and embeddings or head when included) and the base patch size k, from
+        the entries of each parameter."""
+        self.groups = {name: group_of(name, self.cfg.layer_pattern) for name in sizes}
         included = {"embeddings": bool(self.cfg.include_embeddings), "head": bool(self.cfg.include_head)}
         self.region_names = [n for n, group in self.groups.items() if included.get(group, True)]
-        size = sum(self.pretrained[n].numel() for n in self.region_names)
+        size = sum(sizes[n] for n in self.region_names)
         if not self.region_names:
             raise SiftError(f"method.layer_pattern={self.cfg.layer_pattern} matches no tensor of this model and "
                             "the embeddings and head are left out: the region is empty")
@@ -228,7 +219,7 @@ class Graft(Method):
 
     def _check_in_place(self, model) -> None:
         if {name for name, _ in model.named_parameters()} != set(self.pretrained):
-            raise SiftError(f"method.base={self.cfg.base} changes the model's parameters; grafting needs a base "
+            raise SiftError(f"method.base={self.base.name} changes the model's parameters; grafting needs a base "
                             "that fine-tunes them in place (full_ft, bitfit, ...)")
 
     # ---- a finished run as theta_ft -----------------------------------------------------------------------
@@ -263,25 +254,22 @@ class Graft(Method):
         self.info["source"] = {"run_dir": str(run), "method": results.get("method"), "score": results.get("main_score")}
 
     # ---- the run: fine-tune, search the mask, compare ------------------------------------------------
-    def fit(self, trainer) -> None:
-        if not self.cfg.source:
-            self.base.fit(trainer)
-            if trainer.best.state is not None:  # theta_ft is the model the run selected
-                self.base.load_trainable_state(trainer.unwrapped_model, trainer.best.state)
-        model = trainer.unwrapped_model
+    def fit(self, loop) -> FitResult:
+        """theta_ft (the base's selected model, or the source run's), the mask search, the comparison; the
+        run reports the grafted model, which the comparison has already evaluated."""
+        fine_tuned = loop.selected() if self.cfg.source else self.base.fit(loop)
+        if fine_tuned.state is not None:  # theta_ft is the model the run selected
+            self.base.load_trainable_state(loop.unwrapped_model, fine_tuned.state)
+        model = loop.unwrapped_model
         self._check_in_place(model)
         started = time.perf_counter()
-        search = MaskSearch(self, trainer, snapshot(model))
+        search = MaskSearch(self, loop, snapshot(model))
         mask = search.run()
-        trainer.train_time_s += time.perf_counter() - started
-        started = time.perf_counter()
+        searched = time.perf_counter()
         self.info.update(search.compare(mask))
-        trainer.eval_time_s += time.perf_counter() - started
-        # Trainer.final_metrics restores the selected state and, selecting on validation, returns its
-        # metrics: both must now be the grafted model's.
-        trainer.best.state = None
-        if trainer.select_on == "validation":
-            trainer.best.metrics = dict(self.info["models"]["grafted"])
+        compared = time.perf_counter()
+        return FitResult(state=None, metrics=dict(self.info["models"]["grafted"]), selection=fine_tuned.selection,
+                         extra_time_s={"train": searched - started, "eval": compared - searched})
 
     def export(self, model) -> dict[str, torch.Tensor]:
         """The grafted model as a change of the pre-trained one, for sparse.apply_export: a `.weight` with
@@ -304,35 +292,17 @@ class Graft(Method):
     def summary(self) -> dict:
         return self.info
 
-
-def _check_settings(cfg) -> None:
-    """Out-of-range mask-search settings fail at set-up, not after the fine-tuning."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-    def count(value, least: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-    checks = {
-        "sparsity": (number(cfg.sparsity) and 0 < cfg.sparsity <= 1, "in (0, 1]"),
-        "mask_lr": (number(cfg.mask_lr) and cfg.mask_lr > 0, "> 0"),
-        "sigmoid_bias": (number(cfg.sigmoid_bias), "a number"),
-        "mask_steps": (count(cfg.mask_steps, 0), "a non-negative integer"),
-        "mask_batches": (cfg.mask_batches is None or count(cfg.mask_batches, 1), "a positive integer or null"),
-        "freeze": (set(cfg.freeze or []) <= {"embeddings", "head"}, "a list of groups among embeddings and head"),
-    }
-    for key, (ok, requirement) in checks.items():
-        if not ok:
-            raise SiftError(f"method.{key} must be {requirement}, got {cfg[key]!r}")
+    def memory_plan(self, parts):
+        raise SiftError("method=graft is not modelled by sift-memory: model it as its base (method=BASE)")
 
 
 class MaskSearch:
-    """One mask search on a trainer's model, from the fine-tuned weights it holds."""
+    """One mask search on the run's model, from the fine-tuned weights it holds."""
 
-    def __init__(self, method: Graft, trainer, fine_tuned: dict[str, torch.Tensor]):
+    def __init__(self, method: Graft, loop, fine_tuned: dict[str, torch.Tensor]):
         cfg = method.cfg
-        self.cfg, self.method, self.trainer = cfg, method, trainer
-        self.model = trainer.unwrapped_model
+        self.cfg, self.method, self.loop = cfg, method, loop
+        self.model = loop.unwrapped_model
         self.fine_tuned = fine_tuned
         self.groups, self.k = method.groups, method.k
         device = next(self.model.parameters()).device
@@ -340,15 +310,13 @@ class MaskSearch:
         # Outside the region: theta_pre, but the head keeps theta_ft (it may have no pre-trained value).
         self.outside = {n: (fine_tuned[n] if group == "head" else method.pretrained[n])
                         for n, group in self.groups.items() if n not in self.region.pre}
-        data = trainer.data
+        data = loop.data
         rows = len(data.train) if cfg.mask_batches is None else min(
-            len(data.train), int(cfg.mask_batches) * int(trainer.tcfg.batch_size))
-        from sift_cli.tasks.classification import EvalSet
-
+            len(data.train), int(cfg.mask_batches) * int(loop.tcfg.batch_size))
         self.train_set = EvalSet("graft_train", "", data.train.select(range(rows)))
         if data.select is not None:
             self.select_sets = [data.select]
-        elif trainer.select_on == "validation":
+        elif loop.select_on == "validation":
             self.select_sets = [t for t in data.tests if t.suffix == ""]
         else:
             self.select_sets = []
@@ -361,7 +329,7 @@ class MaskSearch:
         self.base_mask = region.top_movement(self.k)
         base = {n: m.float() for n, m in self.base_mask.items()}
         sign = {n: 1 - 2 * b for n, b in base.items()}
-        generator = torch.Generator().manual_seed(int(self.trainer.cfg.seed))
+        generator = torch.Generator().manual_seed(int(self.loop.cfg.seed))
         scores = {n: torch.rand(region.pre[n].shape, generator=generator).to(region.pre[n].device)
                   for n in region.names}
         bias, lr = float(cfg.sigmoid_bias), float(cfg.mask_lr)
@@ -388,12 +356,12 @@ class MaskSearch:
         """d loss / d theta at the region tensors, averaged over the search's training batches (and processes)."""
         from torch.utils.data import DataLoader
 
-        trainer, model = self.trainer, self.model
+        loop, model = self.loop, self.model
         write_values(model, values)
         params = dict(model.named_parameters())
         states = {n: p.requires_grad for n, p in params.items()}
-        loader = trainer.accelerator.prepare_data_loader(DataLoader(
-            self.train_set.dataset, batch_size=int(trainer.tcfg.batch_size), collate_fn=trainer.data.collator))
+        loader = loop.accelerator.prepare_data_loader(DataLoader(
+            self.train_set.dataset, batch_size=int(loop.tcfg.batch_size), collate_fn=loop.data.collator))
         was_training = model.training
         model.eval()  # as the published code: no dropout while the mask learns
         try:
@@ -402,17 +370,17 @@ class MaskSearch:
                 param.grad = None
             batches = 0
             for batch in loader:
-                with trainer.accelerator.autocast():
+                with loop.accelerator.autocast():
                     loss = model(**batch).loss
                 loss.backward()
                 batches += 1
             # a tensor the loss does not reach (say, an unused pooler in the region) has no gradient: zero
             grads = {n: params[n].grad.float() / batches if params[n].grad is not None
                      else torch.zeros_like(params[n], dtype=torch.float32) for n in self.region.names}
-            if trainer.accelerator.num_processes > 1:
+            if loop.accelerator.num_processes > 1:
                 for grad in grads.values():
                     torch.distributed.all_reduce(grad)
-                    grad /= trainer.accelerator.num_processes
+                    grad /= loop.accelerator.num_processes
         finally:
             for name, param in params.items():
                 param.requires_grad_(states[name])
@@ -423,29 +391,28 @@ class MaskSearch:
     def _score(self, step: int, mask: dict[str, torch.Tensor]) -> float:
         """The main metric of the rounded graft on the search's training examples plus the selection split."""
         write_values(self.model, self.region.grafted(mask))
-        metric = self.trainer.task.main_metric
+        metric = self.loop.task.main_metric
         train = self._metrics(self.train_set)[metric]
         selection = [self._metrics(s)[metric] for s in self.select_sets]
         self.curve.append({"step": step, "entries": mask_size(mask), "train": train,
                            "selection": selection[0] if selection else None})
-        if step % int(self.trainer.tcfg.log_every) == 0 or step == int(self.cfg.mask_steps):
+        if step % int(self.loop.tcfg.log_every) == 0 or step == int(self.cfg.mask_steps):
             log.info("mask step %d: %d entries, train %s %.4f, selection %s", step, self.curve[-1]["entries"],
                      metric, train, "none" if not selection else f"{selection[0]:.4f}")
         return sum(v for v in [train, *selection] if not math.isnan(v))
 
     def _metrics(self, eval_set) -> dict[str, float]:
-        logits, labels = self.trainer.predict(eval_set)
-        return self.trainer.task.score(logits, labels, eval_set.suffix)
+        logits, labels = self.loop.predict(eval_set)
+        return self.loop.task.score(logits, labels, eval_set.suffix)
 
     def _stop_if_asked(self, step: int) -> None:
         """On SIGINT/SIGTERM: checkpoint theta_ft (when fine-tuning ran here) and stop; a rerun searches anew."""
-        trainer = self.trainer
-        if not trainer.stop_requested:
+        loop = self.loop
+        if not loop.stop_requested:
             return
         write_values(self.model, self.fine_tuned)
-        if trainer.optimizer is not None:
-            trainer.save_checkpoint()
-        raise Interrupted(f"stopped by {trainer.stop_requested} in the mask search (step {step}); "
+        loop.checkpoint()
+        raise Interrupted(f"stopped by {loop.stop_requested} in the mask search (step {step}); "
                           "the fine-tuned model is kept, the search starts again")
 
     # ---- the comparison ---------------------------------------------------------------------------------
@@ -453,9 +420,9 @@ class MaskSearch:
         """Evaluate the four models side by side; leave the grafted one in the model."""
         from sift_cli.analysis.graft import scope_order
 
-        region, trainer = self.region, self.trainer
+        region, loop = self.region, self.loop
         count = mask_size(mask)
-        generator = torch.Generator().manual_seed(int(trainer.cfg.seed) + 1)
+        generator = torch.Generator().manual_seed(int(loop.cfg.seed) + 1)
         random_mask = region.random_mask(count, generator)
         write_values(self.model, self.fine_tuned)
         models, predictions = {}, {}
@@ -465,9 +432,9 @@ class MaskSearch:
                              ("grafted", region.grafted(mask))):
             write_values(self.model, values)
             models[name], predictions[name] = self._evaluate_tests()
-        metric = trainer.task.main_metric
+        metric = loop.task.main_metric
         pre, ft = models["pretrained"].get(metric), models["fine_tuned"].get(metric)
-        gain = {name: gain_kept(models[name][metric], pre, ft, trainer.task.maximize)
+        gain = {name: gain_kept(models[name][metric], pre, ft, loop.task.maximize)
                 for name in ("grafted", "random_graft")}
         files = self._write_files(mask, predictions)
         per_layer: dict[str, int] = {}
@@ -476,7 +443,7 @@ class MaskSearch:
         total = sum(p.numel() for p in self.model.parameters())
         ece_ft, ece_graft = models["fine_tuned"].get("ece"), models["grafted"].get("ece")
         return {
-            "base": None if self.cfg.source else self.cfg.base,
+            "base": None if self.cfg.source else self.method.base.name,
             "region_entries": region.size,
             "region_tensors": len(region.names),
             "base_patch_entries": self.k,
@@ -495,9 +462,9 @@ class MaskSearch:
 
     def _evaluate_tests(self):
         metrics, predictions = {}, []
-        for eval_set in self.trainer.data.tests:
-            logits, labels = self.trainer.predict(eval_set)
-            metrics.update(self.trainer.task.score(logits, labels, eval_set.suffix))
+        for eval_set in self.loop.data.tests:
+            logits, labels = self.loop.predict(eval_set)
+            metrics.update(self.loop.task.score(logits, labels, eval_set.suffix))
             predictions.append((eval_set.split, logits, labels))
         return metrics, predictions
 
@@ -507,11 +474,10 @@ class MaskSearch:
         from sift_cli.analysis.graft import MASK_FILE, reliability_figure, write_mask
         from sift_cli.metrics import softmax
 
-        path = self.trainer.recorder.metrics.path
-        if path is None:
+        run_dir = self.loop.run_dir
+        if run_dir is None or not self.loop.accelerator.is_main_process:
             return {}
-        run_dir = path.parent
-        cfg = self.trainer.cfg
+        cfg = self.loop.cfg
         write_mask(run_dir / MASK_FILE, mask, {n: self.groups[n] for n in mask},
                    {"task": cfg.task.name, "model": cfg.model.name, "seed": cfg.seed, "method": "graft"})
         files = {"mask": MASK_FILE}

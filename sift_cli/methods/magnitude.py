@@ -11,24 +11,40 @@ restarting keeps the fine-tuned model within the budget, the same floor(p * N) e
 over tensors in proportion to their sizes). `warmup_steps: 0` ranks the pre-trained weights themselves.
 """
 
+from dataclasses import dataclass
+
 import torch
+from omegaconf import MISSING
 
 from sift_cli.methods import register_method
-from sift_cli.methods.sparse import SparseMethod, select_top, train_briefly
+from sift_cli.methods.base import is_count
+from sift_cli.methods.sparse import SparseMethod, SparseSettings, select_top, train_briefly
+
+
+@dataclass
+class MagnitudeSettings(SparseSettings):
+    warmup_steps: int = MISSING  # full fine-tuning steps before |weight| is ranked (0: the pre-trained weights)
+    warmup_lr: float = MISSING
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(is_count(self.warmup_steps, 0), "warmup_steps", "a non-negative integer")
+        self.need(self.warmup_lr > 0, "warmup_lr", "> 0")
 
 
 @register_method
 class Magnitude(SparseMethod):
     name = "magnitude"
+    Settings = MagnitudeSettings
 
-    def select(self, trainer, targets):
-        model = trainer.unwrapped_model
+    def choose(self, run, targets):
+        model = run.unwrapped_model
         pretrained = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
         states = {name: p.requires_grad for name, p in model.named_parameters()}
         try:
             for param in model.parameters():
                 param.requires_grad_(True)
-            train_briefly(trainer, [{"params": list(model.parameters()), "lr": float(self.cfg.warmup_lr)}],
+            train_briefly(run, [{"params": list(model.parameters()), "lr": float(self.cfg.warmup_lr)}],
                           int(self.cfg.warmup_steps), lambda batch: model(**batch).loss)
             scores = {name: m.weight.detach().abs().float() for name, m in targets.items()}
         finally:

@@ -14,14 +14,18 @@ The published SAM code's `mixout` (src/runner.py of fuzihaofzh/AnalyzeParameterE
 different procedure: it resets a random share p of the fine-tuned entries to W0 at evaluation only.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import nn
 
-from sift_cli.errors import SiftError
+from sift_cli.memory.model import Plan, Training
 from sift_cli.methods import register_method
-from sift_cli.methods.base import Method, freeze_all_but
-from sift_cli.methods.sparse import find_targets, replace_module
+from sift_cli.methods.base import Method, Settings, freeze_all_but
+from sift_cli.methods.sparse import is_target_list, find_targets, replace_module
 
 
 class MixoutLinear(nn.Module):
@@ -45,18 +49,32 @@ class MixoutLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, mixout={self.p}"
 
 
+@dataclass
+class MixoutSettings(Settings):
+    p: float = MISSING  # mix probability
+    target_modules: Any = MISSING  # all_linear, or suffixes of linear-layer names
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(0 <= self.p < 1, "p", "in [0, 1)")
+        self.need(is_target_list(self.target_modules), "target_modules",
+                  "all_linear or a non-empty list of module-name suffixes")
+
+
 @register_method
 class Mixout(Method):
     name = "mixout"
+    Settings = MixoutSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.layers: dict[str, MixoutLinear] = {}  # filled by `prepare`
 
+    def check_model(self, model):
+        find_targets(model, self.cfg.target_modules, exclude=set())
+
     def prepare(self, model, ctx):
         p = float(self.cfg.p)
-        if not 0 <= p < 1:
-            raise SiftError(f"method.p must be in [0, 1), got {p}")
         freeze_all_but(model, lambda name: True)
         for name, linear in find_targets(model, self.cfg.target_modules, exclude=set()).items():
             self.layers[name] = MixoutLinear(linear, p)
@@ -66,10 +84,20 @@ class Mixout(Method):
                 module.p = 0.0
         return model
 
-    def setup(self, trainer) -> None:
+    def select(self, run) -> None:
         """W0 follows the model to its device (the model moves after `prepare`)."""
         for layer in self.layers.values():
             layer.target = layer.target.to(layer.weight.device)
 
     def summary(self) -> dict:
         return {"mixout_p": float(self.cfg.p), "mixout_layers": len(self.layers)}
+
+    def memory_plan(self, parts):
+        """Full fine-tuning whose target layers keep a copy of their initial weight (a plain attribute, not a
+        buffer) and compute with a new mixed weight each forward; every dropout is off."""
+        mixed, mixed_top = parts.matching(self.cfg.target_modules, with_head=True)
+        copies = parts.arch.layers * sum(lin.fan_in * lin.fan_out for lin in mixed)
+        copies += sum(lin.fan_in * lin.fan_out for lin in mixed_top)
+        modes = {**parts.dense_modes, **{lin.name: "mixed" for lin in mixed + mixed_top}}
+        return Plan(Training(modes, dropout=False), [(parts.everything, parts.weight_bytes)],
+                    buffers=copies * parts.weight_bytes)

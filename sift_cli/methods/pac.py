@@ -54,27 +54,28 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import MISSING
 from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from sift_cli.config import CONFIG_DIR
+from sift_cli.context import FitResult
 from sift_cli.errors import SiftError
-from sift_cli.methods import build_method, register_method
-from sift_cli.methods.base import Method
+from sift_cli.methods import register_method
+from sift_cli.methods.base import HOOKS, Wrapper, WrapperSettings, is_count
 
 # The exponential-moment factor: E exp(γ(μ - ℓ)) ≤ exp(MOMENT γ² K²) gives the bound's MOMENT γ K² term.
 MOMENT = 1.5
 
-# A base that overrides any of these changes how training proceeds or what its trainable state is
-# (a trainable set chosen from data, sparse increments, masks, its own loss or optimizer): noise on its
-# tensors, fixed when the model is prepared, is not well defined.
-_TRAINING_HOOKS = ("setup", "fit", "training_loss", "create_optimizer", "clip_gradients", "on_train_begin",
-                   "after_optimizer_step", "count_trainable", "trainable_state", "load_trainable_state")
+# A base may override only these hooks: any other changes how training proceeds or what its trainable state
+# is (a trainable set chosen from data, sparse increments, masks, its own loss or optimizer), and noise on
+# its tensors, fixed when the model is prepared, is not well defined. A hook added to the contract is
+# refused until it is known to be harmless here.
+_BASE_MAY_OVERRIDE = ("check_model", "prepare", "param_groups", "export", "state_dict", "load_state_dict",
+                      "summary", "memory_plan")
 
 
 @dataclass
@@ -139,41 +140,57 @@ def _need(ok: bool, message: str) -> None:
         raise SiftError(f"method=pac: {message}")
 
 
-def _check_config(cfg) -> None:
-    def positive(key, integer=False, allow_zero=False):
-        value = cfg[key]
-        kind = int if integer else (int, float)
-        ok = isinstance(value, kind) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-        _need(ok, f"method.{key} must be a {'non-negative' if allow_zero else 'positive'} "
-                  f"{'integer' if integer else 'number'}, got {value!r}")
+@dataclass
+class PACSettings(WrapperSettings):
+    freeze_embeddings: bool = MISSING
+    stage1_epochs: int = MISSING
+    noise_clip: Optional[float] = MISSING
+    new_lr: Optional[float] = MISSING
+    noise_lr: float = MISSING
+    prior_lr: float = MISSING
+    new_noise_lr: float = MISSING
+    new_noise_lr_boost: float = MISSING
+    new_noise_lr_decay: float = MISSING
+    new_noise_lr_decay_steps: int = MISSING
+    pretrained_scale_power: float = MISSING
+    new_scale_power: float = MISSING
+    gamma_min: float = MISSING
+    gamma_max: float = MISSING
+    log_inv_delta: float = MISSING
+    prior_grid_log_count: float = MISSING
+    k_log_prior_std: List[float] = MISSING
+    k_prior_points: int = MISSING
+    k_gamma_points: int = MISSING
+    k_samples: int = MISSING
 
-    positive("stage1_epochs", integer=True, allow_zero=True)
-    for key in ("noise_lr", "prior_lr", "new_noise_lr", "new_noise_lr_boost", "gamma_min", "gamma_max"):
-        positive(key)
-    for key in ("log_inv_delta", "prior_grid_log_count"):
-        positive(key, allow_zero=True)
-    for key in ("new_noise_lr_decay_steps", "k_prior_points", "k_gamma_points", "k_samples"):
-        positive(key, integer=True)
-    _need(0 < cfg.new_noise_lr_decay <= 1,
-          f"method.new_noise_lr_decay must be in (0, 1], got {cfg.new_noise_lr_decay!r}")
-    _need(cfg.noise_clip is None or cfg.noise_clip > 0,
-          f"method.noise_clip must be > 0 or null, got {cfg.noise_clip!r}")
-    _need(cfg.new_lr is None or cfg.new_lr > 0, f"method.new_lr must be > 0 or null, got {cfg.new_lr!r}")
-    _need(cfg.gamma_min <= cfg.gamma_max,
-          f"method.gamma_min ({cfg.gamma_min}) exceeds method.gamma_max ({cfg.gamma_max})")
-    grid = cfg.k_log_prior_std
-    _need(grid is not None and len(grid) == 2 and grid[0] <= grid[1],
-          f"method.k_log_prior_std must be [low, high] with low <= high, got {grid!r}")
-    _need(grid[0] < grid[1] or cfg.k_prior_points == 1, "method.k_log_prior_std spans no range for several points")
-
-
-def _base_config(cfg):
-    """The base method's own config (conf/method/BASE.yaml when there is one) with `base_overrides` on top."""
-    name = cfg.base
-    _need(isinstance(name, str) and name != "pac", f"method.base must name another method, got {name!r}")
-    path = Path(CONFIG_DIR) / "method" / f"{name}.yaml"
-    base = OmegaConf.load(path) if path.is_file() else OmegaConf.create({"name": name})
-    return OmegaConf.merge(base, cfg.base_overrides or {})
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(is_count(self.stage1_epochs, 0), "stage1_epochs", "a non-negative integer")
+        for key in ("noise_lr", "prior_lr", "new_noise_lr", "new_noise_lr_boost", "gamma_min", "gamma_max"):
+            self.need(getattr(self, key) > 0, key, "a positive number")
+        for key in ("log_inv_delta", "prior_grid_log_count"):
+            self.need(getattr(self, key) >= 0, key, "a non-negative number")
+        for key in ("new_noise_lr_decay_steps", "k_prior_points", "k_gamma_points", "k_samples"):
+            self.need(is_count(getattr(self, key)), key, "a positive integer")
+        self.need(0 < self.new_noise_lr_decay <= 1, "new_noise_lr_decay", "in (0, 1]")
+        self.need(self.noise_clip is None or self.noise_clip > 0, "noise_clip", "> 0 or null")
+        self.need(self.new_lr is None or self.new_lr > 0, "new_lr", "> 0 or null")
+        if self.gamma_min > self.gamma_max:
+            self.refuse(f"{self.where}.gamma_min ({self.gamma_min}) exceeds {self.where}.gamma_max ({self.gamma_max})")
+        grid = self.k_log_prior_std
+        self.need(len(grid) == 2 and grid[0] <= grid[1], "k_log_prior_std", "[low, high] with low <= high")
+        _need(grid[0] < grid[1] or self.k_prior_points == 1, "method.k_log_prior_std spans no range for several points")
+        if run is None:
+            return
+        t = run.trainer
+        _need(t.precision != "fp16", "trainer.precision=fp16 is not supported: its loss scaling would reach the "
+                                     "noise gradients; use bf16 or no")
+        if run.task.kind == "instruct":  # K is estimated from per-example losses of whole-sequence predictions
+            self.refuse("method=pac needs a task with one prediction per example (classification, multiple "
+                        "choice), not task.kind=instruct")
+        if t.max_steps is None and self.stage1_epochs > t.epochs:
+            self.refuse(f"{self.where}.stage1_epochs={self.stage1_epochs} is longer than training "
+                        f"(trainer.epochs={t.epochs}): stage 2 would never run")
 
 
 def _disable_dropout(model: torch.nn.Module) -> int:
@@ -207,18 +224,13 @@ def _mean_abs(params: list[torch.Tensor]) -> float:
 
 
 @register_method
-class PACTuning(Method):
+class PACTuning(Wrapper):
     name = "pac"
+    Settings = PACSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        _check_config(cfg)
-        try:
-            self.base = build_method(_base_config(cfg))
-        except SiftError as err:
-            raise SiftError(f"method.base: {err}") from None
-        overridden = [hook for hook in _TRAINING_HOOKS
-                      if getattr(type(self.base), hook, None) is not getattr(Method, hook, None)]
+        overridden = self.overridden_by_base([hook for hook in HOOKS if hook not in _BASE_MAY_OVERRIDE])
         _need(not overridden, f"base '{self.base.name}' cannot carry noise: it overrides {', '.join(overridden)}, "
                               "so its trainable state is not whole tensors trained by plain gradient steps")
         self.tensors: list[NoisyTensor] = []
@@ -235,9 +247,6 @@ class PACTuning(Method):
 
     # ---- what trains -------------------------------------------------------------------------------
     def prepare(self, model, ctx):
-        if ctx.task_kind == "instruct":  # K is estimated from per-example losses of whole-sequence predictions
-            raise SiftError("method=pac needs a task with one prediction per example (classification, multiple "
-                            "choice), not task.kind=instruct")
         checkpoint = {id(p) for name, p in model.named_parameters() if name not in ctx.new_params}
         try:
             model = self.base.prepare(model, ctx)
@@ -278,9 +287,6 @@ class PACTuning(Method):
         )
         return model
 
-    def count_trainable(self, model):
-        return self.base.count_trainable(model)
-
     # ---- how it is optimised -----------------------------------------------------------------------
     def create_optimizer(self, model, tcfg):
         """AdamW over θ (new tensors at `new_lr`); p and b get their own Adam, stepped by this method."""
@@ -319,33 +325,34 @@ class PACTuning(Method):
         return BoundTerms(kl, K, gamma, MOMENT * gamma * K**2 + cost / (n_train * gamma))
 
     # ---- phases and hooks --------------------------------------------------------------------------
-    def setup(self, trainer):
-        """Put the noise state beside the model, which the trainer has just placed, and seed the noise."""
-        device = trainer.accelerator.device
+    def select(self, run):
+        """Put the noise state beside the placed model, seed the noise, and estimate K from the training
+        data when there is a stage 1 (before any step, as published)."""
+        self.base.select(run)
+        device = run.device
         for t in self.tensors:
             t.init = t.init.to(device)
             t.log_std.data = t.log_std.data.to(device)
         for b in self.prior_log_std.values():
             b.data = b.data.to(device)
-        seed = int(trainer.cfg.seed) + trainer.accelerator.process_index
+        seed = int(run.cfg.seed) + run.accelerator.process_index
         self._rng = torch.Generator(device=device).manual_seed(seed)
-        self.n_train = len(trainer.data.train)
+        self.n_train = len(run.data.train)
+        if int(self.cfg.stage1_epochs) > 0:
+            self.estimate_K(run)
 
-    def fit(self, trainer):
-        """Estimate K, stage 1 (the bound), stage 2 (p frozen); a resumed run continues in its stage."""
-        _need(trainer.accelerator.scaler is None, "trainer.precision=fp16 is not supported: its loss scaling "
-                                                  "would reach the noise gradients; use bf16 or no")
-        stage1_steps = min(int(self.cfg.stage1_epochs) * trainer.steps_per_epoch, trainer.total_steps)
+    def fit(self, loop) -> FitResult:
+        """Stage 1 (the bound), stage 2 (p frozen); a resumed run continues in its stage."""
+        stage1_steps = min(int(self.cfg.stage1_epochs) * loop.steps_per_epoch, loop.total_steps)
         self.facts["stage1_steps"] = stage1_steps
         if self.stage == 1:
-            if stage1_steps and self.k_values is None:
-                self.estimate_K(trainer)
-            trainer.train(until_step=stage1_steps)
-            self.facts["stage1_train_time_s"] = trainer.train_time_s
+            loop.train(until_step=stage1_steps)
+            self.facts["stage1_train_time_s"] = loop.train_time_s
             self.facts["end_of_stage1"] = dict(self._last_terms) or None
             self.enter_stage2()
-        trainer.train()
-        self.facts["stage2_train_time_s"] = trainer.train_time_s - self.facts["stage1_train_time_s"]
+        loop.train()
+        self.facts["stage2_train_time_s"] = loop.train_time_s - self.facts["stage1_train_time_s"]
+        return loop.selected()
 
     def enter_stage2(self) -> None:
         """Freeze p at its learned value; the prior, θ0 and the noise optimizer are no longer needed."""
@@ -356,24 +363,22 @@ class PACTuning(Method):
             t.init = None
         self._noise_optimizer = None
 
-    def training_loss(self, trainer, batch):
+    def training_loss(self, run, batch):
         noisy = {}
-        for name, t in zip(self._names_in(trainer.model), self.tensors):
+        for name, t in zip(self._names_in(run.model), self.tensors):
             eps = torch.randn(t.weight.shape, generator=self._rng, device=t.weight.device, dtype=t.weight.dtype)
             if self.cfg.noise_clip is not None:
                 eps.clamp_(-self.cfg.noise_clip, self.cfg.noise_clip)
             noisy[name] = t.weight + torch.exp(t.log_std).to(t.weight.dtype) * eps
-        loss = functional_call(trainer.model, noisy, args=(), kwargs=batch).loss
+        loss = functional_call(run.model, noisy, args=(), kwargs=batch).loss
         if self.stage != 1:
             return loss
-        if self.k_values is None:  # a driver other than `fit` (e.g. a benchmark) went straight to training
-            self.estimate_K(trainer)
         terms = self.bound_terms(self.n_train)
         self._last_terms = {"pac_train_loss": loss.item(), "pac_kl": terms.kl.item(), "pac_K": terms.K.item(),
                             "pac_gamma": terms.gamma.item(), "pac_bound": loss.item() + terms.complexity.item()}
         return loss + terms.complexity.to(loss.dtype)
 
-    def after_optimizer_step(self, trainer):
+    def after_optimizer_step(self, run):
         """Stage 1: step p and b (the published schedule for new tensors) and log the bound's terms."""
         if self.stage != 1:
             return
@@ -381,18 +386,18 @@ class PACTuning(Method):
         for group in self._noise_optimizer.param_groups:
             if group["is_new"]:
                 group["lr"] = self._new_noise_lr(self._noise_steps)
-        if trainer.accelerator.num_processes > 1:
+        if run.accelerator.num_processes > 1:
             for group in self._noise_optimizer.param_groups:
                 for param in group["params"]:
-                    param.grad = trainer.accelerator.reduce(param.grad, reduction="mean")
+                    param.grad = run.accelerator.reduce(param.grad, reduction="mean")
         self._noise_optimizer.step()
         self._noise_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             noise_std = sum(torch.exp(t.log_std).sum(dtype=torch.float64) for t in self.tensors).item()
             prior_std = torch.exp(torch.cat(list(self.prior_log_std.values())).mean()).item()
-        self._last_terms.update(step=trainer.step, pac_noise_std=noise_std / self.facts["noise_params"],
+        self._last_terms.update(step=run.step, pac_noise_std=noise_std / self.facts["noise_params"],
                                 pac_prior_std=prior_std)
-        trainer.recorder.log({"step": trainer.step, "pac_stage": 1, **self._last_terms})
+        run.log({"step": run.step, "pac_stage": 1, **self._last_terms})
 
     def _new_noise_lr(self, step: int) -> float:
         """The published lr of p and b for new tensors at noise step `step` (1-based): boosted, decaying."""
@@ -409,17 +414,17 @@ class PACTuning(Method):
 
     # ---- K ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def estimate_K(self, trainer) -> None:
+    def estimate_K(self, run) -> None:
         """K at each prior std of the grid, from the losses of random models around θ0 (before training)."""
         started = time.perf_counter()
         cfg = self.cfg
-        loader = trainer.accelerator.prepare_data_loader(DataLoader(
-            trainer.data.train, batch_size=int(trainer.tcfg.eval_batch_size), collate_fn=trainer.data.collator))
-        device = trainer.accelerator.device
+        loader = run.accelerator.prepare_data_loader(DataLoader(
+            run.data.train, batch_size=int(run.tcfg.eval_batch_size), collate_fn=run.data.collator))
+        device = run.device
         stds = torch.exp(torch.linspace(*map(float, cfg.k_log_prior_std), int(cfg.k_prior_points), dtype=torch.float64))
         gammas = torch.exp(torch.linspace(math.log(cfg.gamma_min), math.log(cfg.gamma_max), int(cfg.k_gamma_points),
                                           dtype=torch.float64)).tolist()
-        names = self._names_in(trainer.model)
+        names = self._names_in(run.model)
         values = []
         for std in stds.tolist():
             losses = []
@@ -429,8 +434,8 @@ class PACTuning(Method):
                           for name, t in zip(names, self.tensors)}
                 per_batch = []
                 for batch in loader:
-                    logits = functional_call(trainer.model, sample, args=(), kwargs=batch).logits
-                    per_batch.append(trainer.accelerator.gather_for_metrics(per_example_loss(logits, batch["labels"])))
+                    logits = functional_call(run.model, sample, args=(), kwargs=batch).logits
+                    per_batch.append(run.accelerator.gather_for_metrics(per_example_loss(logits, batch["labels"])))
                 losses.append(torch.cat(per_batch))
             values.append(moment_constant(torch.stack(losses), gammas))
         values = torch.tensor(values, dtype=torch.float64).cummax(0).values  # non-decreasing in σ, as published
@@ -476,9 +481,8 @@ class PACTuning(Method):
         elif state["noise_optimizer"] is not None:
             self._noise_optimizer.load_state_dict(state["noise_optimizer"])
 
-    def export(self, model):
-        """The base's fine-tuned weights; the noise scales are a training device, not part of the model."""
-        return self.base.export(model)
+    def memory_plan(self, parts):
+        raise SiftError("method=pac is not modelled by sift-memory: its noise scales and two-stage optimizer are not")
 
     def summary(self):
         base_info = self.base.summary()

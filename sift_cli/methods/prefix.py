@@ -7,35 +7,56 @@ the prefix inside `s4` the same strategy with the same parameter count, so they 
 Each layer's prefix is `method.length` positions; its MLP has `method.mlp_hidden` hidden units.
 """
 
-from sift_cli.errors import SiftError
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from sift_cli.memory.model import Plan, Training
 from sift_cli.methods import register_method
-from sift_cli.methods.base import Method
+from sift_cli.methods.base import Method, Settings, is_count
 from sift_cli.methods.layers import attach_prefix, encoder_layers, prefix_cost, train_only
 
 
-def _positive(value, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise SiftError(f"method.{key} must be a positive integer, got {value!r}")
-    return value
+@dataclass
+class PrefixSettings(Settings):
+    length: int = MISSING  # prefix positions per layer
+    mlp_hidden: int = MISSING  # hidden units of each layer's reparameterisation MLP
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(is_count(self.length), "length", "a positive integer")
+        self.need(is_count(self.mlp_hidden), "mlp_hidden", "a positive integer")
 
 
 @register_method
 class PrefixTuning(Method):
     name = "prefix"
+    Settings = PrefixSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.info = {}
 
+    def check_model(self, model):
+        encoder_layers(model, self.name)
+
     def prepare(self, model, ctx):
-        length = _positive(self.cfg.length, "length")
-        mlp_hidden = _positive(self.cfg.mlp_hidden, "mlp_hidden")
+        length, mlp_hidden = int(self.cfg.length), int(self.cfg.mlp_hidden)
         layers = encoder_layers(model, self.name)
         added = [prefix for layer in layers for prefix in attach_prefix(layer, length, mlp_hidden)]
         train_only(model, added, [], ctx.new_params)
         self.info = {"length": length, "mlp_hidden": mlp_hidden, "layers": len(layers),
                      "prefix_params": prefix_cost(layers[0], mlp_hidden).at(length) * len(layers)}
         return model
+
+    def memory_plan(self, parts):
+        """Each layer's free vectors and reparameterisation MLP, and the head."""
+        parts.encoder_only(self.name)
+        h, kv, length, mlp = parts.arch.hidden, parts.arch.kv_width, int(self.cfg.length), int(self.cfg.mlp_hidden)
+        prefixes = parts.arch.layers * (h * mlp + mlp + mlp * 2 * kv + 2 * kv + length * h)
+        training = Training(parts.head_modes, norms="frozen", embeddings=False, prefix=length)
+        w = parts.weight_bytes
+        return Plan(training, [(prefixes + parts.head_params, w)], added=[(prefixes, w)])
 
     def summary(self):
         return self.info

@@ -15,8 +15,8 @@ from sift_cli.methods.sparse import SparseMethod, split_budget
 class RandomMask(SparseMethod):
     name = "random_mask"
 
-    def select(self, trainer, targets):
-        generator = torch.Generator().manual_seed(int(trainer.cfg.seed))
+    def choose(self, run, targets):
+        generator = torch.Generator().manual_seed(int(run.cfg.seed))
         budgets = split_budget({name: m.weight.numel() for name, m in targets.items()}, float(self.cfg.sparse_rate))
         return {name: torch.randperm(m.weight.numel(), generator=generator)[: budgets[name]].to(m.weight.device)
                 for name, m in targets.items()}

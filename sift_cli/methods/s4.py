@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from sift_cli.errors import SiftError
 from sift_cli.methods import register_method
-from sift_cli.methods.base import Method
+from sift_cli.methods.base import Method, Settings, is_count
 from sift_cli.methods.layers import (
     PLACEMENTS, STRATEGIES, LayerCost, adapter_cost, attach_adapters, attach_lora, attach_prefix, bitfit_cost,
     encoder_layers, layer_biases, lora_cost, prefix_cost, train_only,
@@ -39,15 +40,16 @@ class Design:
         return range(start, start + self.groups[group])
 
 
-def read_design(cfg, num_layers: int) -> Design:
-    """The design in `method.*`, checked against the model's layer count."""
-    groups = OmegaConf.to_container(cfg.groups) if cfg.groups is not None else None
+def read_design(cfg, num_layers: int | None = None) -> Design:
+    """The design in `method.*`, checked; its fit to the model (layer count, one set of strategies per group)
+    only when the model's layer count is given."""
+    groups = OmegaConf.to_container(cfg.groups) if OmegaConf.is_config(cfg.groups) else cfg.groups
     if not isinstance(groups, list) or not groups or not all(isinstance(n, int) and n >= 1 for n in groups):
         raise SiftError(f"method.groups must be a list of positive layer counts, got {groups!r}")
-    if sum(groups) != num_layers:
+    if num_layers is not None and sum(groups) != num_layers:
         raise SiftError(f"method.groups {groups} covers {sum(groups)} layers, but the model has {num_layers}")
-    assignment = OmegaConf.to_container(cfg.assignment) if cfg.assignment is not None else None
-    if not isinstance(assignment, list) or len(assignment) != len(groups):
+    assignment = OmegaConf.to_container(cfg.assignment) if OmegaConf.is_config(cfg.assignment) else cfg.assignment
+    if not isinstance(assignment, list) or (num_layers is not None and len(assignment) != len(groups)):
         raise SiftError(f"method.assignment must list one set of strategies per group ({len(groups)}), "
                         f"got {assignment!r}")
     for strategies in assignment:
@@ -118,13 +120,41 @@ def derive_sizes(costs: list[dict[str, LayerCost]], groups: list[int], budget_pa
     return sizes
 
 
+@dataclass
+class S4Settings(Settings):
+    groups: List[int] = MISSING  # layers per group, first to last
+    assignment: List[List[str]] = MISSING  # strategies per group
+    budget: float = MISSING  # the strategies' parameters as a fraction of the model's
+    allocation: str = MISSING  # uniform | increasing | decreasing
+    adapter_placement: str = MISSING
+    prefix_mlp_hidden: int = MISSING
+    lora_targets: List[str] = MISSING
+    lora_alpha_per_rank: float = MISSING
+    lora_dropout: float = MISSING
+    label: Optional[str] = None  # a free-form tag recorded with the run (sift-design's design id)
+
+    def check(self, run) -> None:
+        super().check(run)
+        read_design(self)
+        self.need(0 < self.budget < 1, "budget", "a fraction in (0, 1)")
+        self.need(self.adapter_placement in PLACEMENTS, "adapter_placement", f"one of {', '.join(PLACEMENTS)}")
+        self.need(is_count(self.prefix_mlp_hidden), "prefix_mlp_hidden", "a positive integer")
+        self.need(bool(self.lora_targets), "lora_targets", "a non-empty list of module names")
+        self.need(self.lora_alpha_per_rank > 0, "lora_alpha_per_rank", "> 0")
+        self.need(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)")
+
+
 @register_method
 class S4(Method):
     name = "s4"
+    Settings = S4Settings
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.info = {}
+
+    def check_model(self, model):
+        read_design(self.cfg, len(encoder_layers(model, self.name)))
 
     def strategy_cost(self, layer, strategy: str) -> LayerCost:
         cfg = self.cfg
@@ -138,11 +168,6 @@ class S4(Method):
 
     def prepare(self, model, ctx):
         cfg = self.cfg
-        if cfg.adapter_placement not in PLACEMENTS:
-            raise SiftError(f"method.adapter_placement must be one of {', '.join(PLACEMENTS)}, "
-                            f"got {cfg.adapter_placement!r}")
-        if not isinstance(cfg.budget, (int, float)) or not 0 < cfg.budget < 1:
-            raise SiftError(f"method.budget must be a fraction in (0, 1), got {cfg.budget!r}")
         layers = encoder_layers(model, self.name)
         design = read_design(cfg, len(layers))
         self.info = {"label": cfg.label, "groups": design.groups, "assignment": [list(a) for a in design.assignment],

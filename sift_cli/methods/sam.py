@@ -16,16 +16,40 @@ biases, LayerNorm); here the targets are linear weights (`target_modules`) and t
 unclipped gradient of the same first batches that training then starts with.
 """
 
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
 from sift_cli.methods import register_method
-from sift_cli.methods.sparse import SparseMethod, gradient_statistic, select_top
+from sift_cli.methods.base import is_count
+from sift_cli.methods.sparse import SCOPES, SparseMethod, SparseSettings, gradient_statistic, select_top
+
+
+@dataclass
+class BurnInSettings(SparseSettings):
+    burnin_steps: int = MISSING  # optimizer steps whose gradients are summed, with no update
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(is_count(self.burnin_steps), "burnin_steps", "a positive integer")
+
+
+@dataclass
+class SAMSettings(BurnInSettings):
+    scope: str = MISSING  # global | per_tensor
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(self.scope in SCOPES, "scope", f"one of {', '.join(SCOPES)}")
 
 
 @register_method
 class SAM(SparseMethod):
     name = "sam"
+    Settings = SAMSettings
 
-    def select(self, trainer, targets):
-        accum = int(trainer.tcfg.grad_accum)
-        summed = gradient_statistic(trainer, targets, int(self.cfg.burnin_steps) * accum, lambda g: g)
+    def choose(self, run, targets):
+        accum = int(run.tcfg.grad_accum)
+        summed = gradient_statistic(run, targets, int(self.cfg.burnin_steps) * accum, lambda g: g)
         scores = {name: total.square_() for name, total in summed.items()}
         return select_top(scores, float(self.cfg.sparse_rate), self.cfg.scope)

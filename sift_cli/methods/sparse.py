@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from sift_cli.errors import SiftError
-from sift_cli.methods.base import Method, ModelContext, freeze_all_but
+from sift_cli.memory.model import INDEX_BYTES, Plan, Training
+from sift_cli.methods.base import Method, ModelContext, Settings, freeze_all_but
 
 if TYPE_CHECKING:
-    from sift_cli.trainer import Trainer
+    from sift_cli.context import RunContext
 
 GRAD_MODES = ("sampled", "dense")
 SCOPES = ("global", "per_tensor")
@@ -212,14 +214,14 @@ def select_top(scores: dict[str, torch.Tensor], rate: float, scope: str) -> dict
     return {name: top_indices(score, budgets[name]) for name, score in scores.items()}
 
 
-def _all_reduce_mean(tensor: torch.Tensor, trainer: "Trainer") -> torch.Tensor:
-    if trainer.accelerator.num_processes > 1:
+def _all_reduce_mean(tensor: torch.Tensor, run: "RunContext") -> torch.Tensor:
+    if run.accelerator.num_processes > 1:
         torch.distributed.all_reduce(tensor)
-        tensor /= trainer.accelerator.num_processes
+        tensor /= run.accelerator.num_processes
     return tensor
 
 
-def gradient_statistic(trainer: "Trainer", targets: dict[str, nn.Linear], batches: int, statistic,
+def gradient_statistic(run: "RunContext", targets: dict[str, nn.Linear], batches: int, statistic,
                        micro_batches: int = 1) -> dict:
     """Sum over `batches` training batches of `statistic(grad)` for each target weight, with no update.
 
@@ -228,7 +230,7 @@ def gradient_statistic(trainer: "Trainer", targets: dict[str, nn.Linear], batche
     averaged over processes first (so every process selects the same entries) and freed as soon as it is
     folded into the sum; nothing else accumulates gradients.
     """
-    model = trainer.unwrapped_model
+    model = run.unwrapped_model
     states = {name: p.requires_grad for name, p in model.named_parameters()}
     totals = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in targets.items()}
     pending: dict[str, torch.Tensor] = {}
@@ -245,7 +247,7 @@ def gradient_statistic(trainer: "Trainer", targets: dict[str, nn.Linear], batche
                     pending[name] = grad
                     return
                 grad = grad / micro_batches
-            totals[name] += statistic(_all_reduce_mean(grad, trainer))
+            totals[name] += statistic(_all_reduce_mean(grad, run))
         return hook
 
     try:
@@ -256,9 +258,9 @@ def gradient_statistic(trainer: "Trainer", targets: dict[str, nn.Linear], batche
             handles.append(module.weight.register_post_accumulate_grad_hook(fold(name)))
         was_training = model.training
         model.train()
-        for step, batch in enumerate(trainer.first_batches(batches)):
+        for step, batch in enumerate(run.first_batches(batches)):
             position[0] = step
-            with trainer.accelerator.autocast():
+            with run.accelerator.autocast():
                 loss = model(**batch).loss
             loss.backward()
         model.train(was_training)
@@ -271,28 +273,28 @@ def gradient_statistic(trainer: "Trainer", targets: dict[str, nn.Linear], batche
     return totals
 
 
-def train_briefly(trainer: "Trainer", param_groups: list[dict], steps: int, loss_of) -> None:
+def train_briefly(run: "RunContext", param_groups: list[dict], steps: int, loss_of) -> None:
     """`steps` AdamW steps (no weight decay) on `param_groups` over the first training batches, for
     selectors that look at a short training run (a warm-up, an L0 phase) before choosing entries.
 
     Gradients are averaged over `trainer.grad_accum` micro-batches and over processes, and clipped like
     the main loop's, so every process takes the same steps and ends with the same weights.
     """
-    model = trainer.unwrapped_model
-    accum = int(trainer.tcfg.grad_accum)
-    max_norm = trainer.tcfg.max_grad_norm
+    model = run.unwrapped_model
+    accum = int(run.tcfg.grad_accum)
+    max_norm = run.tcfg.max_grad_norm
     params = [p for group in param_groups for p in group["params"]]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     was_training = model.training
     model.train()
-    for position, batch in enumerate(trainer.first_batches(steps * accum)):
-        with trainer.accelerator.autocast():
+    for position, batch in enumerate(run.first_batches(steps * accum)):
+        with run.accelerator.autocast():
             loss = loss_of(batch) / accum
         loss.backward()
         if position % accum == accum - 1:
             for param in params:
                 if param.grad is not None:
-                    _all_reduce_mean(param.grad, trainer)
+                    _all_reduce_mean(param.grad, run)
             if max_norm:
                 torch.nn.utils.clip_grad_norm_(params, float(max_norm))
             optimizer.step()
@@ -305,14 +307,38 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def is_target_list(value) -> bool:
+    return value == "all_linear" or (isinstance(value, list) and bool(value)
+                                     and all(isinstance(t, str) and t for t in value))
+
+
+@dataclass
+class SparseSettings(Settings):
+    sparse_rate: float = MISSING  # share of the target entries that train
+    target_modules: Any = MISSING  # all_linear, or suffixes of linear-layer names
+    grad_mode: str = MISSING  # sampled | dense
+
+    def check(self, run) -> None:
+        super().check(run)
+        self.need(0 < self.sparse_rate <= 1, "sparse_rate", "in (0, 1]")
+        self.need(is_target_list(self.target_modules), "target_modules",
+                  "all_linear or a non-empty list of module-name suffixes")
+        self.need(self.grad_mode in GRAD_MODES, "grad_mode", f"one of {', '.join(GRAD_MODES)}")
+
+
 class SparseMethod(Method):
-    """Trains a fixed set of entries of the target weights (chosen by `select`) plus the new task head."""
+    """Trains a fixed set of entries of the target weights (chosen by `choose`) plus the new task head."""
+
+    Settings = SparseSettings
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        # Empty until `prepare` and `setup`, so a run that fails before them can still be summarised.
+        # Empty until `prepare` and `select`, so a run that fails before them can still be summarised.
         self.targets: dict[str, nn.Linear] = {}
         self.layers: dict[str, SparseLinear] = {}
+
+    def check_model(self, model: nn.Module) -> None:
+        find_targets(model, self.cfg.target_modules, exclude=set())
 
     def prepare(self, model: nn.Module, ctx: ModelContext) -> nn.Module:
         self.ctx = ctx
@@ -321,14 +347,14 @@ class SparseMethod(Method):
         self.targets = find_targets(model, self.cfg.target_modules, exclude)
         return model
 
-    def select(self, trainer: "Trainer", targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    def choose(self, run: "RunContext", targets: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
         """Flat indices to train, per target layer name."""
         raise NotImplementedError
 
-    def setup(self, trainer: "Trainer") -> None:
-        """Wrap each target with selected entries; a target a global rule gave nothing stays frozen."""
-        model = trainer.unwrapped_model
-        chosen = self.select(trainer, self.targets)
+    def select(self, run: "RunContext") -> None:
+        """Wrap each target with the chosen entries; a target a global rule gave nothing stays frozen."""
+        model = run.unwrapped_model
+        chosen = self.choose(run, self.targets)
         for name, index in chosen.items():
             if index.numel() == 0:
                 continue
@@ -339,7 +365,7 @@ class SparseMethod(Method):
     def count_trainable(self, model: nn.Module) -> int:
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def after_optimizer_step(self, trainer: "Trainer") -> None:
+    def after_optimizer_step(self, run: "RunContext") -> None:
         for layer in self.layers.values():
             layer.sync()
 
@@ -358,6 +384,35 @@ class SparseMethod(Method):
             if param.requires_grad and not name.endswith(".values"):
                 out[name] = param.detach().cpu().clone()
         return out
+
+    def budget(self, sizes: list[int]) -> int:
+        """Entries trained over target tensors of these sizes: floor(rate * N) (SIFT: per tensor)."""
+        return math.floor(float(self.cfg.sparse_rate) * sum(sizes))
+
+    def memory_plan(self, parts):
+        """The selected entries of the target weights and the head.
+
+        `sift-run` layout (SparseLinear): per entry a `values` parameter and an `initial` copy in the weight
+        dtype and an int64 index; per target row a CSR row pointer. `paper` layout: entries of every
+        parameter updated in place in the weights, so an entry costs only its gradient and AdamW state
+        (indices left uncounted).
+        """
+        w = parts.weight_bytes
+        if parts.setting.sparse_layout == "paper":
+            modes = {lin.name: "sparse" for lin in parts.blocks + parts.top}
+            return Plan(Training({**modes, **parts.head_modes}),
+                        [(math.floor(float(self.cfg.sparse_rate) * parts.everything), w)])
+        chosen, chosen_top = parts.matching(self.cfg.target_modules)
+        sizes = [lin.fan_in * lin.fan_out for lin in chosen] * parts.arch.layers
+        sizes += [lin.fan_in * lin.fan_out for lin in chosen_top]
+        if not sizes:
+            raise SiftError(f"method={self.name}: target_modules={self.cfg.target_modules} matches no linear layer "
+                            "of this architecture")
+        entries = self.budget(sizes)
+        modes = {**{lin.name: "sparse" for lin in chosen + chosen_top}, **parts.head_modes}
+        rows = sum(lin.fan_out + 1 for lin in chosen) * parts.arch.layers + sum(lin.fan_out + 1 for lin in chosen_top)
+        return Plan(Training(modes, norms="frozen", embeddings=False), [(entries, w), (parts.head_params, w)],
+                    added=[(entries, w)], buffers=entries * (INDEX_BYTES + w) + rows * INDEX_BYTES)
 
     def summary(self) -> dict:
         selected = sum(layer.index.numel() for layer in self.layers.values())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +24,10 @@ from sift_cli.errors import SiftError
 from sift_cli.metrics import check_metric_names, glue_metrics
 from sift_cli.models import load_classifier
 from sift_cli.tasks import register_task_kind
+from sift_cli.tasks.base import EvalSet, TaskData, few_shot_select_on
 from sift_cli.tasks.prompt import PromptTemplate, load_prompt_model
 
 EXTRA_EVAL_KEYS = {"name", "split", "path", "local_dir", "text_columns", "label_column"}
-
-
-@dataclass
-class EvalSet:
-    split: str
-    suffix: str  # appended to metric keys: "" or "_mm" for MNLI mismatched
-    dataset: Dataset
-
-
-@dataclass
-class TaskData:
-    train: Dataset
-    select: EvalSet | None  # model selection set (k-shot dev or held-out slice); None: none or the test sets
-    tests: list[EvalSet]
-    collator: object
-    info: dict = field(default_factory=dict)
 
 
 def split_training_set(train: Dataset, classes, data, select_on: str) -> tuple[Dataset, EvalSet | None]:
@@ -82,6 +66,7 @@ class ClassificationTask:
         prompt = self.task.get("prompt")
         self.prompt = (PromptTemplate(prompt, tokenizer, self.num_labels, list(self.task.text_columns))
                        if prompt else None)
+        self.select_on = few_shot_select_on(cfg)
 
     @property
     def num_labels(self) -> int:
@@ -92,10 +77,6 @@ class ClassificationTask:
         return self.task.main_metric
 
     maximize = True  # every GLUE main metric is better when larger
-
-    @property
-    def select_on(self) -> str:
-        return resolve_select_on(self.cfg)
 
     # ---- data -------------------------------------------------------------------------------------
     def _read(self, split: str) -> Dataset:
@@ -215,18 +196,9 @@ class ClassificationTask:
         return load_classifier(mcfg, self.num_labels, self.tokenizer, seed)
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def evaluate(self, trainer, eval_set: EvalSet) -> dict[str, float]:
-        return self.score(*trainer.predict(eval_set), suffix=eval_set.suffix)
+    def evaluate(self, run, eval_set: EvalSet) -> dict[str, float]:
+        return self.score(*run.predict(eval_set), suffix=eval_set.suffix)
 
     def score(self, logits: torch.Tensor, labels: torch.Tensor, suffix: str = "") -> dict[str, float]:
         return glue_metrics(logits.float().cpu().numpy(), labels.float().cpu().numpy(), self.task.metrics, suffix)
 
-
-def resolve_select_on(cfg) -> str:
-    """Which split picks the best checkpoint: `auto` is the k-shot dev set or, on full data, validation."""
-    choice = cfg.trainer.select_on
-    if choice == "auto":
-        return "dev" if cfg.data.k_shot is not None else "validation"
-    if choice == "dev" and cfg.data.k_shot is None:
-        raise SiftError("trainer.select_on=dev needs data.k_shot (the dev set is sampled with the k-shot train set)")
-    return choice

@@ -45,7 +45,7 @@ from sift_cli.errors import SiftError
 from sift_cli.models import load_causal_lm
 from sift_cli.results import write_bytes_atomic
 from sift_cli.tasks import humaneval, mmlu, register_task_kind
-from sift_cli.tasks.classification import EvalSet, TaskData
+from sift_cli.tasks.base import EvalSet, TaskData, resolve_select_on
 
 log = logging.getLogger("sift_cli")
 
@@ -234,6 +234,11 @@ class InstructTask:
         self.run_humaneval = humaneval.execution_allowed(self.eval_cfg.humaneval)
         self.collator = CausalCollator(tokenizer.pad_token_id)
         self._loaders: dict[str, DataLoader] = {}  # evaluation loaders, prepared once
+        # `auto` is `last`: instruction tuning trains a fixed number of steps, as the SIFT paper does.
+        self.select_on = resolve_select_on(
+            cfg, "last", ("validation", "heldout", "last"),
+            "needs a few-shot dev set; instruction tuning selects on heldout (the held-out response loss), "
+            "validation (every test evaluation) or last")
         self._check_main_metric()
 
     def _check_main_metric(self) -> None:
@@ -257,15 +262,6 @@ class InstructTask:
     @property
     def maximize(self) -> bool:
         return self.main_metric not in LOSS_METRICS
-
-    @property
-    def select_on(self) -> str:
-        """`auto` is `last`: instruction tuning trains a fixed number of steps, as the SIFT paper does."""
-        choice = self.cfg.trainer.select_on
-        if choice == "dev":
-            raise SiftError("trainer.select_on=dev needs a few-shot dev set; instruction tuning selects on heldout "
-                            "(the held-out response loss), validation (every test evaluation) or last")
-        return "last" if choice == "auto" else choice
 
     # ---- data -------------------------------------------------------------------------------------------
     def _encode(self, rows: list[dict]) -> tuple[list[dict], int]:
@@ -336,51 +332,51 @@ class InstructTask:
         return load_causal_lm(mcfg, self.tokenizer, seed)
 
     # ---- evaluation -------------------------------------------------------------------------------------
-    def evaluate(self, trainer, eval_set: InstructEvalSet) -> dict[str, float]:
+    def evaluate(self, run, eval_set: InstructEvalSet) -> dict[str, float]:
         runs = {"loss": self._heldout_loss, "mmlu": self._mmlu, "humaneval": self._humaneval,
                 "generations": self._generations}
-        model = trainer.model
+        model = run.model
         was_training = model.training
         model.eval()
         try:
-            return runs[eval_set.run](trainer, eval_set)
+            return runs[eval_set.run](run, eval_set)
         finally:
             model.train(was_training)
 
     @torch.no_grad()
-    def _heldout_loss(self, trainer, eval_set: InstructEvalSet) -> dict[str, float]:
+    def _heldout_loss(self, run, eval_set: InstructEvalSet) -> dict[str, float]:
         """Mean response-token loss over the whole set (not over batches) and its exponential."""
         if eval_set.split not in self._loaders:
-            loader = DataLoader(eval_set.dataset, batch_size=int(trainer.tcfg.eval_batch_size),
+            loader = DataLoader(eval_set.dataset, batch_size=int(run.tcfg.eval_batch_size),
                                 collate_fn=self.collator)
-            self._loaders[eval_set.split] = trainer.accelerator.prepare_data_loader(loader)
+            self._loaders[eval_set.split] = run.accelerator.prepare_data_loader(loader)
         totals = torch.zeros(2, dtype=torch.float64)
         for batch in tqdm(self._loaders[eval_set.split], desc=f"eval {eval_set.split}", leave=False,
-                          disable=not trainer.show_progress):
+                          disable=not run.show_progress):
             labels = batch.pop("labels")[:, 1:]
-            logits = trainer.model(**batch).logits[:, :-1]
+            logits = run.model(**batch).logits[:, :-1]
             losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                      reduction="none").view_as(labels)
             per_row = torch.stack([losses.sum(1), (labels != IGNORE).sum(1).float()], dim=1)
-            totals += trainer.accelerator.gather_for_metrics(per_row).sum(0).double().cpu()
+            totals += run.accelerator.gather_for_metrics(per_row).sum(0).double().cpu()
         loss = float(totals[0] / totals[1])
         return {"heldout_loss": loss, "heldout_perplexity": math.exp(min(loss, 700.0))}
 
-    def _shard(self, trainer, items: list) -> list[tuple[int, object]]:
+    def _shard(self, run, items: list) -> list[tuple[int, object]]:
         """This process's share of `items`, with their positions."""
-        accelerator = trainer.accelerator
+        accelerator = run.accelerator
         return list(enumerate(items))[accelerator.process_index::accelerator.num_processes]
 
-    def _mmlu(self, trainer, eval_set: InstructEvalSet) -> dict[str, float]:
-        accelerator = trainer.accelerator
-        shard = self._shard(trainer, eval_set.dataset)
+    def _mmlu(self, run, eval_set: InstructEvalSet) -> dict[str, float]:
+        accelerator = run.accelerator
+        shard = self._shard(run, eval_set.dataset)
 
         def progress(batches):
-            return tqdm(batches, desc=f"eval {eval_set.split}", leave=False, disable=not trainer.show_progress)
+            return tqdm(batches, desc=f"eval {eval_set.split}", leave=False, disable=not run.show_progress)
 
         with accelerator.autocast():
-            likelihoods = mmlu.answer_loglikelihoods(trainer.unwrapped_model, [q for _, q in shard],
-                                                     int(trainer.tcfg.eval_batch_size), accelerator.device,
+            likelihoods = mmlu.answer_loglikelihoods(run.unwrapped_model, [q for _, q in shard],
+                                                     int(run.tcfg.eval_batch_size), accelerator.device,
                                                      self.tokenizer.pad_token_id, progress)
         answers = dict(gather_object([(i, mmlu.best_answer(row, q.lengths))
                                       for (i, q), row in zip(shard, likelihoods)]))
@@ -392,14 +388,14 @@ class InstructTask:
                  len(questions))
         return metrics
 
-    def _humaneval(self, trainer, eval_set: InstructEvalSet) -> dict[str, float]:
+    def _humaneval(self, run, eval_set: InstructEvalSet) -> dict[str, float]:
         hcfg = self.eval_cfg.humaneval
-        model = trainer.unwrapped_model
+        model = run.unwrapped_model
         records = []
-        with torch.random.fork_rng(), trainer.accelerator.autocast():
-            torch.manual_seed(int(self.cfg.seed) + trainer.accelerator.process_index)
-            for _, problem in tqdm(self._shard(trainer, eval_set.dataset), desc="eval humaneval", leave=False,
-                                   disable=not trainer.show_progress):
+        with torch.random.fork_rng(), run.accelerator.autocast():
+            torch.manual_seed(int(self.cfg.seed) + run.accelerator.process_index)
+            for _, problem in tqdm(self._shard(run, eval_set.dataset), desc="eval humaneval", leave=False,
+                                   disable=not run.show_progress):
                 texts = generate_texts(model, self.tokenizer, problem["prompt"], int(hcfg.max_new_tokens),
                                        int(hcfg.n_samples), float(hcfg.temperature), float(hcfg.top_p),
                                        humaneval.STOP_SEQUENCES)
@@ -408,35 +404,30 @@ class InstructTask:
                              "passed": humaneval.run_tests(problem, completion, float(hcfg.timeout_s))}
                             for completion in completions]
         records = gather_object(records)
-        self._save(trainer, "humaneval_samples.jsonl", [{"step": trainer.step, **r} for r in records])
+        self._save(run, "humaneval_samples.jsonl", [{"step": run.step, **r} for r in records])
         return humaneval.pass_at_k_metrics(records, list(hcfg.k))
 
-    def _generations(self, trainer, eval_set: InstructEvalSet) -> dict[str, float]:
+    def _generations(self, run, eval_set: InstructEvalSet) -> dict[str, float]:
         """Greedy responses, for reading; they give no metric."""
-        if not trainer.accelerator.is_main_process:
+        if not run.accelerator.is_main_process:
             return {}
         gcfg = self.eval_cfg.generations
-        with trainer.accelerator.autocast():
-            rows = [{"step": trainer.step, "instruction": instruction,
-                     "response": generate_texts(trainer.unwrapped_model, self.tokenizer,
+        with run.accelerator.autocast():
+            rows = [{"step": run.step, "instruction": instruction,
+                     "response": generate_texts(run.unwrapped_model, self.tokenizer,
                                                 self.templates.render(instruction), int(gcfg.max_new_tokens))[0]}
                     for instruction in eval_set.dataset]
-        self._save(trainer, "generations.jsonl", rows)
-        wandb_run = trainer.recorder.wandb
-        if wandb_run is not None:
-            import wandb
-
-            table = wandb.Table(columns=["step", "instruction", "response"],
-                                data=[[r["step"], r["instruction"], r["response"]] for r in rows])
-            wandb_run.log({"generations": table}, step=trainer.step)
+        self._save(run, "generations.jsonl", rows)
+        run.log_table("generations", ["step", "instruction", "response"],
+                      [[r["step"], r["instruction"], r["response"]] for r in rows])
         return {}
 
     @staticmethod
-    def _save(trainer, name: str, records: list[dict]) -> None:
-        """Append records to a JSON-lines file in the run directory (the checkpoint directory's parent)."""
-        if trainer.checkpoint_dir is None or not trainer.accelerator.is_main_process:
+    def _save(run, name: str, records: list[dict]) -> None:
+        """Append records to a JSON-lines file in the run directory."""
+        if run.run_dir is None or not run.accelerator.is_main_process:
             return
-        path = trainer.checkpoint_dir.parent / name
+        path = run.run_dir / name
         earlier = path.read_bytes() if path.exists() else b""
         lines = "".join(json.dumps(record) + "\n" for record in records)
         write_bytes_atomic(path, earlier + lines.encode())

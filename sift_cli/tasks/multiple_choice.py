@@ -19,7 +19,8 @@ from sift_cli.errors import SiftError
 from sift_cli.metrics import check_metric_names, glue_metrics
 from sift_cli.models import load_auto_model
 from sift_cli.tasks import register_task_kind
-from sift_cli.tasks.classification import EvalSet, TaskData, capped, resolve_select_on, split_training_set
+from sift_cli.tasks.base import EvalSet, TaskData, few_shot_select_on
+from sift_cli.tasks.classification import capped, split_training_set
 
 
 class ChoiceCollator:
@@ -51,6 +52,7 @@ class MultipleChoiceTask:
         check_metric_names(self.task.metrics, regression=False)
         if self.task.main_metric not in self.task.metrics:
             raise SiftError(f"task.main_metric '{self.task.main_metric}' is not among task.metrics")
+        self.select_on = few_shot_select_on(cfg)
 
     @property
     def num_labels(self) -> int:
@@ -59,10 +61,6 @@ class MultipleChoiceTask:
     @property
     def main_metric(self) -> str:
         return self.task.main_metric
-
-    @property
-    def select_on(self) -> str:
-        return resolve_select_on(self.cfg)
 
     # ---- data -------------------------------------------------------------------------------------
     def _read(self, split: str) -> Dataset:
@@ -133,8 +131,8 @@ class MultipleChoiceTask:
         return load_auto_model(AutoModelForMultipleChoice, mcfg, self.tokenizer, seed)
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def evaluate(self, trainer, eval_set: EvalSet) -> dict[str, float]:
-        return self.score(*trainer.predict(eval_set), suffix=eval_set.suffix)
+    def evaluate(self, run, eval_set: EvalSet) -> dict[str, float]:
+        return self.score(*run.predict(eval_set), suffix=eval_set.suffix)
 
     def score(self, logits: torch.Tensor, labels: torch.Tensor, suffix: str = "") -> dict[str, float]:
         return glue_metrics(logits.float().cpu().numpy(), labels.float().cpu().numpy(), self.task.metrics, suffix)

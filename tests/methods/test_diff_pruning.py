@@ -78,6 +78,6 @@ def test_the_kept_entries_are_the_largest_learned_diffs_and_start_from_them(tmp_
 def test_a_diff_pruning_run_trains_only_its_entries_and_the_head(tmp_path):
     before = pretrained(tmp_path / "dense")
     job = make_job(tmp_path, [*SETTING, "method=diff_pruning", "method.l0_steps=2"])
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     assert_trains_only_its_entries(job, before)
     assert job.method.summary()["open_gates_after_l0"] > 0

@@ -42,5 +42,5 @@ def test_a_fisher_run_trains_only_its_entries_and_the_head(tmp_path):
     job = make_job(tmp_path, [*SETTING, "method=fisher", "method.burnin_steps=2"])
     params = dict(job.trainer.unwrapped_model.named_parameters())
     assert all(torch.equal(params[n], value) for n, value in before.items())  # the burn-in updates nothing
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     assert_trains_only_its_entries(job, before)

@@ -53,5 +53,5 @@ def test_without_warm_up_the_pretrained_magnitudes_decide(tmp_path):
 def test_a_magnitude_run_trains_only_its_entries_and_the_head(tmp_path):
     before = pretrained(tmp_path / "dense")
     job = make_job(tmp_path, [*SETTING, "method=magnitude", "method.warmup_steps=2"])
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     assert_trains_only_its_entries(job, before)

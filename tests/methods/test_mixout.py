@@ -70,7 +70,7 @@ def test_a_mixout_run_optimizes_every_parameter(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = job.method.create_optimizer(model, job.cfg.trainer)
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == job.total_params
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any("intermediate" in n for n in changed) and any("query" in n for n in changed)
     layer = job.method.layers["bert.encoder.layer.0.attention.self.query"]

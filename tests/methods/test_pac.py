@@ -17,7 +17,6 @@ from sift_cli.methods import METHODS, Method, ModelContext, build_method
 from sift_cli.methods.pac import gaussian_kl, interpolate, moment_constant
 from sift_cli.run import Job
 from sift_cli.tasks.classification import EvalSet
-from sift_cli.trainer import Trainer
 from sift_cli.tracking import Recorder
 from tests.conftest import FIXTURES, compose_config
 
@@ -79,15 +78,13 @@ def test_K_solves_the_moment_condition_and_is_interpolated():
         assert interpolate(torch.tensor(x), knots, values).item() == pytest.approx(expected)
 
 
-def _setup(tmp_path: Path, overrides: list[str], data_dir: Path, checkpoint_dir: Path | None = None):
+def _setup(tmp_path: Path, overrides: list[str], data_dir: Path):
     cfg = compose_config(["method=pac", "model=tiny-bert", f"data.dir={data_dir}", "logger.mode=disabled",
                           "trainer.select_on=last", *QUICK_K, *overrides])
     tmp_path.mkdir(parents=True, exist_ok=True)
     job = Job(cfg, tmp_path, None)
     job.setup()
-    recorder = Recorder(tmp_path, cfg.logger, "test", None, {}, True)
-    trainer = Trainer(cfg, job.model, job.method, job.task, job.data, job.accelerator, recorder,
-                      checkpoint_dir=checkpoint_dir)
+    trainer = job.make_trainer(Recorder(tmp_path, cfg.logger, "test", None, {}, True))
     return job, trainer
 
 
@@ -107,7 +104,7 @@ def test_noise_is_injected_in_training_steps_only(tmp_path, fixture_data):
     assert torch.equal(before, clean_logits(False))
     assert torch.equal(before, clean_logits(True))  # dropout is off: training mode alone changes nothing
 
-    method.fit(trainer)
+    method.fit(trainer.loop)
     assert method.stage == 2
     first, second = trainer.predict(job.data.tests[0]), trainer.predict(job.data.tests[0])
     assert torch.equal(first[0], second[0])
@@ -138,7 +135,7 @@ def test_noise_scales_learn_in_stage_1_and_stay_frozen_in_stage_2(tmp_path, fixt
         train(until_step)
 
     trainer.train = snapshot_then_train
-    method.fit(trainer)
+    method.fit(trainer.loop)
     final_p = [t.log_std.detach() for t in method.tensors]
     final_theta = [t.weight.detach() for t in method.tensors]
     (p0, _), (p1, theta1) = snapshots
@@ -164,35 +161,35 @@ RESUME = ["data.k_shot=4", "trainer.batch_size=4", "trainer.max_steps=4", "metho
 def uninterrupted(tmp_path_factory):
     """θ and p at the end of a run that was never stopped."""
     job, trainer = _setup(tmp_path_factory.mktemp("whole"), RESUME, FIXTURES)
-    job.method.fit(trainer)
+    job.method.fit(trainer.loop)
     return [(t.weight.detach().clone(), t.log_std.detach().clone()) for t in job.method.tensors]
 
 
 @pytest.mark.parametrize("stop_at", [1, 3], ids=["in-stage-1", "in-stage-2"])
 def test_a_resumed_run_continues_exactly(tmp_path, fixture_data, stop_at, uninterrupted):
     checkpoint = tmp_path / "stopped" / "checkpoint"
-    job, trainer = _setup(tmp_path / "stopped", RESUME, fixture_data, checkpoint_dir=checkpoint)
+    job, trainer = _setup(tmp_path / "stopped", RESUME, fixture_data)
     step_noise = job.method.after_optimizer_step
 
-    def stop_after(trainer):
-        step_noise(trainer)
-        if trainer.step == stop_at:
+    def stop_after(run):
+        step_noise(run)
+        if run.step == stop_at:
             trainer.stop_requested = "test"
 
     job.method.after_optimizer_step = stop_after
     with pytest.raises(Interrupted):
-        job.method.fit(trainer)
+        job.method.fit(trainer.loop)
     job, trainer = _setup(tmp_path / "resumed", RESUME, fixture_data)
     trainer.load_state_dict(torch.load(checkpoint / "state.pt", weights_only=False))
     assert (trainer.step, job.method.stage) == (stop_at, 1 if stop_at < 2 else 2)
-    job.method.fit(trainer)
+    job.method.fit(trainer.loop)
     for t, (weight, log_std) in zip(job.method.tensors, uninterrupted):
         assert torch.equal(t.weight, weight) and torch.equal(t.log_std, log_std), t.name
     assert job.method.summary()["end_of_stage1"]["step"] == 2
 
 
 def test_pac_on_a_lora_base(tmp_path, fixture_data):
-    cfg = compose_config(["method=pac", "method.base=lora", "model=tiny-bert", f"data.dir={fixture_data}",
+    cfg = compose_config(["method=pac", "method@method.base=lora", "model=tiny-bert", f"data.dir={fixture_data}",
                           "data.k_shot=4", "logger.mode=disabled", "trainer.batch_size=8", "trainer.max_steps=3",
                           "method.stage1_epochs=2", *QUICK_K])
     job = Job(cfg, tmp_path, None)
@@ -227,20 +224,23 @@ class IncrementMethod(Method):
 
 def test_an_ill_defined_base_is_refused(monkeypatch):
     monkeypatch.setitem(METHODS, IncrementMethod.name, IncrementMethod)
+    cfg = compose_config(["method=pac"]).method
+    cfg.base = {"name": "toy_increments"}  # a registered method with no config file
     with pytest.raises(SiftError, match="base 'toy_increments' cannot carry noise: it overrides "
                                         "after_optimizer_step, trainable_state") as err:
-        build_method(compose_config(["method=pac", "method.base=toy_increments"]).method)
+        build_method(cfg)
     assert "\n" not in str(err.value)
     with pytest.raises(SiftError, match="method.base must name another method"):
-        build_method(compose_config(["method=pac", "method.base=pac"]).method)
+        build_method(compose_config(["method=pac", "method@method.base=pac"]).method)
+    cfg.base = {"name": "nope"}
     with pytest.raises(SiftError, match="method.base: unknown method 'nope'"):
-        build_method(compose_config(["method=pac", "method.base=nope"]).method)
+        build_method(cfg)
 
 
 def test_instruction_tuning_is_refused_at_set_up():
-    method = build_method(compose_config(["method=pac"]).method)
+    cfg = compose_config(["method=pac", "task=instruct/alpaca", "model=tiny-llama"])
     with pytest.raises(SiftError, match="method=pac needs a task with one prediction per example"):
-        method.prepare(torch.nn.Linear(2, 2), ModelContext(new_params=set(), task_kind="instruct"))
+        build_method(cfg.method, cfg)
 
 
 def test_bad_constants_are_one_line_errors():
@@ -252,7 +252,7 @@ def test_bad_constants_are_one_line_errors():
 
 def test_the_published_setting_composes():
     cfg = compose_config(["experiment=pac_glue", "data.k_shot=null", "data.max_train_samples=100"])
-    assert cfg.method.name == "pac" and cfg.method.base == "full_ft" and cfg.method.freeze_embeddings
+    assert cfg.method.name == "pac" and cfg.method.base.name == "full_ft" and cfg.method.freeze_embeddings
     assert (cfg.trainer.epochs, cfg.trainer.max_steps, cfg.method.stage1_epochs) == (250, None, 200)
     assert (cfg.trainer.batch_size, cfg.data.max_train_samples, cfg.task.max_length) == (100, 100, 128)
 
@@ -272,7 +272,7 @@ def test_a_short_run_on_real_few_shot_data_learns(tmp_path, real_data):
         return F.cross_entropy(logits, labels).item()
 
     before = clean_train_loss()
-    job.method.fit(trainer)
+    job.method.fit(trainer.loop)
     after = clean_train_loss()
     assert after < before - 0.1, (before, after)
     assert math.isfinite(job.method.summary()["end_of_stage1"]["pac_bound"])

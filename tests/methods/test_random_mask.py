@@ -25,5 +25,5 @@ def test_the_mask_depends_on_the_seed_only_and_spends_the_budget(tmp_path):
 def test_a_random_mask_run_trains_only_its_entries_and_the_head(tmp_path):
     before = pretrained(tmp_path / "dense")
     job = make_job(tmp_path, [*SETTING, "method=random_mask"])
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     assert_trains_only_its_entries(job, before)

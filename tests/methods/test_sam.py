@@ -61,5 +61,5 @@ def test_the_burn_in_changes_no_weight_and_training_only_the_chosen_entries(tmp_
     params = dict(job.trainer.unwrapped_model.named_parameters())
     assert all(torch.equal(params[n], value) for n, value in before.items())
     assert all(p.grad is None for p in params.values())
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     assert_trains_only_its_entries(job, before)

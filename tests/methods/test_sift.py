@@ -27,7 +27,7 @@ def test_selection_is_the_top_gradient_entries_of_the_first_batches(tmp_path):
 def test_a_sift_run_trains_only_its_entries_and_the_head(tmp_path):
     job = make_job(tmp_path, [*FAST, "method=sift", "method.sparse_rate=0.02"])
     before = {n: p.detach().clone() for n, p in job.trainer.unwrapped_model.named_parameters()}
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
     model = job.trainer.unwrapped_model
     selected = sum(layer.index.numel() for layer in job.method.layers.values())
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith("classifier"))

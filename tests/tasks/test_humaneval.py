@@ -60,7 +60,7 @@ def test_nothing_is_executed_unless_enabled(tmp_path, monkeypatch):
         job = make_job(tmp_path / acknowledged, [*instruct_overrides(root), "method=lora",
                                                  "task.eval.mmlu.enabled=false", "task.eval.generations.prompts=[]",
                                                  f"task.eval.humaneval.allow_code_execution={acknowledged}"])
-        metrics = job.trainer.final_metrics()
+        metrics = job.trainer.evaluate_tests()
         assert set(metrics) == {"heldout_loss", "heldout_perplexity"}
 
 
@@ -83,7 +83,7 @@ def test_an_allowed_run_samples_tests_and_scores(tmp_path, monkeypatch):
                                       "task.eval.humaneval.n_samples=3", "task.eval.humaneval.k=[1,2]",
                                       "task.eval.humaneval.max_new_tokens=4", "task.eval.humaneval.max_problems=2",
                                       "task.main_metric=humaneval_pass@1"])
-    metrics = job.trainer.final_metrics()
+    metrics = job.trainer.evaluate_tests()
     assert sorted(executed) == ["Toy/0"] * 3 + ["Toy/1"] * 3
     assert metrics["humaneval_pass@1"] == 0.5 and metrics["humaneval_pass@2"] == 0.5
     samples = (tmp_path / "run" / "humaneval_samples.jsonl").read_text().splitlines()

@@ -178,7 +178,7 @@ def test_the_evaluation_sets(tokenizer, data_root):
 def test_heldout_loss_is_the_mean_over_response_tokens(tmp_path, data_root):
     job = make_job(tmp_path, [*instruct_overrides(data_root), "method=full_ft"])
     trainer, heldout = job.trainer, job.data.select
-    metrics = job.task.evaluate(trainer, heldout)
+    metrics = job.task.evaluate(trainer.context, heldout)
     batch = job.data.collator([heldout.dataset[i] for i in range(len(heldout.dataset))])
     with torch.no_grad():
         expected = job.model(**batch).loss.item()  # Hugging Face's mean over the shifted, unmasked labels
@@ -249,7 +249,7 @@ def test_generations_are_saved_and_logged_as_a_wandb_table(tmp_path, data_root):
                               "task.eval.generations.prompts=[Say hi.,Count to three.]"])
     job.trainer.recorder.wandb = type("FakeRun", (), {"log": lambda self, data, step: logged.append((data, step))})()
     [generations] = [t for t in job.data.tests if t.run == "generations"]
-    assert job.task.evaluate(job.trainer, generations) == {}
+    assert job.task.evaluate(job.trainer.context, generations) == {}
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert [(r["step"], r["instruction"]) for r in rows] == [(0, "Say hi."), (0, "Count to three.")]
     assert all(isinstance(r["response"], str) for r in rows)

@@ -47,14 +47,13 @@ def test_copa_trains_and_is_scored_by_accuracy(tmp_path, method):
     job = make_job(tmp_path, [*COPA, f"method={method}"])
     logits, labels = job.trainer.predict(job.data.tests[0])
     assert logits.shape == (8, 2) and labels.shape == (8,)
-    job.method.fit(job.trainer)
-    metrics = job.trainer.final_metrics()
+    metrics = job.fit()
     assert set(metrics) == {"accuracy", "ece"} and 0 <= metrics["accuracy"] <= 1
 
 
 def test_copa_trains_with_lora(tmp_path):
     job = make_job(tmp_path, [*COPA, "method=lora"])
-    job.method.fit(job.trainer)
+    job.method.fit(job.trainer.loop)
 
 
 def write_copa(folder, rows):

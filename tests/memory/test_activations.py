@@ -1,32 +1,15 @@
-"""sift-memory: predicted bytes against real builds, the shape of the activation model, and the SIFT paper's table."""
-
-import json
+"""The activation model: what autograd keeps, op by op, for BERT and LLaMA blocks."""
 
 import pytest
 import torch
 
-from sift_cli.memory import (KNOWN_ARCHITECTURES, Activations, Architecture, SavedActivations, Setting, Tape,
-                             Training, architecture_of, block_linears, load_architecture, main, measure_step,
-                             paper_rows, predict)
-from tests.conftest import FAST, make_job
+from sift_cli.memory.activations import Activations, Tape
+from sift_cli.memory.measure import SavedActivations
+from sift_cli.memory.model import (KNOWN_ARCHITECTURES, Architecture, Setting, Training, architecture_of,
+                                   block_linears, load_architecture, predict)
 
-TINY_STEP = {"batch": 4, "seq": 64}
 LLAMA_7B = KNOWN_ARCHITECTURES["llama-7b"]
 PAPER = {"batch": 1, "seq": 2048, "precision": "bf16", "attention": "eager"}
-
-
-@pytest.mark.parametrize("method", ["full_ft", "lora", "sift"])
-def test_state_bytes_equal_what_a_tiny_bert_build_holds(tmp_path, method):
-    job = make_job(tmp_path, [*FAST, "task=glue/mrpc", f"method={method}"])
-    measured = measure_step(job.trainer, **TINY_STEP)
-    # fp32 on a CPU, where torch's AdamW keeps m and v in the parameters' dtype
-    predicted = predict(load_architecture("tiny-bert"), method, Setting(**TINY_STEP, device="cpu", adam_dtype="weights"))
-    assert predicted.weights == measured["param_bytes"]
-    assert predicted.buffers == measured["buffer_bytes"]
-    assert predicted.gradients == measured["grad_bytes"]
-    assert predicted.optimizer == measured["optimizer_bytes"]
-    # exact but for the token-type ids and the loss's few scalars (under 1 KB of 1.5 MB)
-    assert predicted.activations == pytest.approx(measured["activation_bytes"], rel=1e-3)
 
 
 @pytest.mark.parametrize("precision, attention, kv_heads, tied", [
@@ -104,50 +87,3 @@ def test_gradient_checkpointing_lowers_activations(model, method):
     assert plain.recompute == 0
     assert checkpointed.activations + checkpointed.recompute < plain.activations
     assert checkpointed.weights + checkpointed.optimizer == plain.weights + plain.optimizer
-
-
-def test_the_paper_s_llama_7b_table_within_a_quarter_percent():
-    """The paper counts weights, gradients, fp32 AdamW state and the activations held at the end of the forward,
-    in GiB. Its numbers are rounded to 0.01 GiB (0.03% of 16.50); what is left (at most 0.04 GiB, about one
-    2048 x 4096 fp32 tensor) is below what any single tensor left out of the model would add; 0.25% allows
-    that and no more: counting GB (1e9) instead of GiB, or one more bf16 weight copy, would miss by 7% or more."""
-    for row in paper_rows():
-        assert row["after_forward_gib"] == pytest.approx(row["paper_gib"], rel=2.5e-3), row
-        if row["grad_checkpointing"]:  # the block rebuilt in the backward comes on top (about 1.1 GiB)
-            assert 1.0 < row["peak_gib"] - row["after_forward_gib"] < 1.2
-        else:
-            assert row["peak_gib"] == row["after_forward_gib"]
-
-
-def test_sift_s_paper_layout_costs_ten_bytes_per_trained_entry():
-    setting = Setting(**PAPER, sparse_layout="paper")
-    sift = predict(LLAMA_7B, "sift", setting, {"sparse_rate": 0.05})
-    full = predict(LLAMA_7B, "full_ft", setting)
-    assert sift.trainable_params == int(0.05 * full.total_params)
-    assert sift.gradients + sift.optimizer == 10 * sift.trainable_params
-    assert sift.activations == full.activations  # every parameter has trainable entries
-
-
-def test_the_command_prints_a_breakdown_and_json(capsys):
-    main(["--model", "llama-7b", "--precision", "bf16", "--seq", "2048", "--format", "json"])
-    out = json.loads(capsys.readouterr().out)
-    parts = ("weights", "buffers", "gradients", "master_weights", "optimizer", "activations", "recompute")
-    assert out["total"] == sum(out[part] for part in parts)
-    main(["--paper", "sift-llama7b"])
-    assert "| full_ft | no | 111.03 |" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
-    (["--model", "tiny-bert", "--method", "s4"], "method=s4 is not modelled"),
-    (["--model", "llama-7b", "--method", "adapter"], "supports BERT/RoBERTa encoders only"),
-    (["--model", "tiny-bert", "--batch", "0"], "the batch must be at least 1"),
-    (["--model", "tiny-bert", "--precision", "fp8"], "argument --precision: invalid choice"),
-    ([], "give --model"),
-])
-def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sift-memory: error: ") and message in err and err.count("\n") == 1

@@ -97,6 +97,27 @@ def test_sift_glue_takes_sift_s_per_task_settings_and_the_others_their_own_rate(
     assert sweep_params("sift_glue")["data.k_shot"] == ["null"]
 
 
+def test_sift_glue_is_the_published_scripts_settings():
+    """rob-l-TASK.sh at the head of github.com/song-wx/SIFT (QNLI at 5e-5, as the authors corrected it)."""
+    published = {"cola": (7e-5, 20), "mnli": (7e-5, 10), "mrpc": (7e-5, 20), "qnli": (5e-5, 10),
+                 "qqp": (7e-5, 20), "rte": (7e-5, 20), "sst2": (7e-5, 15), "stsb": (8e-5, 30)}
+    for task, (lr, epochs) in published.items():
+        job = compose_job("sift_glue", [f"task=glue/{task}"])
+        assert (job.trainer.lr, job.trainer.epochs) == (lr, epochs), task
+        assert (job.model.name, job.trainer.batch_size, job.trainer.grad_accum, job.task.max_length) == (
+            "roberta-large", 32, 1, 512)
+        assert (job.trainer.weight_decay, job.trainer.warmup_ratio, job.trainer.precision) == (0.1, 0.06, "no")
+        assert job.method.sparse_rate == 0.008
+        assert list(job.method.target_modules)[:4] == ["query", "key", "value", "attention.output.dense"]
+
+
+def test_sift_run_shows_qnli_s_learning_rate():
+    out = subprocess.run([sys.executable, "-m", "sift_cli.run", "--cfg", "job", "--resolve", "experiment=sift_glue",
+                          "task=glue/qnli"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert yaml.safe_load(out.stdout)["trainer"]["lr"] == 5e-5
+
+
 def test_sift_instruct_takes_each_method_s_published_optimisation():
     lora = compose_job("sift_instruct", ["method=lora"])
     assert (lora.trainer.lr, lora.trainer.batch_size * lora.trainer.grad_accum, lora.method.r) == (2e-4, 128, 128)

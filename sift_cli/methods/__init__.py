@@ -6,12 +6,15 @@ before anything else happens, so a bad setting costs one line and no work.
 
 from __future__ import annotations
 
+import logging
+
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from sift_cli.errors import SiftError
 from sift_cli.methods.base import Method, ModelContext
 
+log = logging.getLogger("sift_cli")
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -28,15 +31,18 @@ def _first_line(err: BaseException) -> str:
 
 
 def typed_settings(cls: type[Method], cfg, run: DictConfig | None = None, where: str = "method") -> DictConfig:
-    """`cfg` merged into the method's schema (types converted, unknown keys refused), then checked."""
+    """`cfg` merged into the method's schema (types converted), then checked.
+
+    Keys the schema lacks are left out with a warning: a sweep over methods sets one method's keys on every
+    method (`-m method=lora,sift ++method.r=16`), and an experiment file lists several methods' keys."""
     given = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     schema = OmegaConf.structured(cls.Settings)
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        log.warning("%s: %s not a setting of method=%s, ignored", where, ", ".join(unknown), cls.name)
     try:
-        typed = OmegaConf.merge(schema, given)
+        typed = OmegaConf.merge(schema, {k: v for k, v in given.items() if k not in unknown})
         settings = OmegaConf.to_object(typed)
-    except ConfigKeyError as err:
-        known = ", ".join(k for k in schema if k != "name")
-        raise SiftError(f"{where}.{err.key} is not a setting of method={cls.name}; its settings: {known}") from None
     except ValidationError as err:
         raise SiftError(f"{where}.{err.full_key}: {_first_line(err)}") from None
     except OmegaConfBaseException as err:

@@ -104,10 +104,11 @@ def test_memory_plans_that_are_not_modelled_say_so(name):
 
 # ---- settings refused before any work ------------------------------------------------------------------
 BAD_SETTINGS = {
-    "full_ft": [(["method.lr=0"], "lr must be > 0"),  # method.lr is also trainer.lr's default
-                (["+method.rank=4"], "method.rank is not a setting of method=full_ft")],
-    "bitfit": [(["method.lr=fast"], "lr must be > 0, got 'fast'"),
-               (["+method.bias_only=true"], "method.bias_only is not a setting of method=bitfit")],
+    "full_ft": [(["method.lr=0", "trainer.lr=1e-3"], "method.lr must be > 0"),
+                (["method.lr=0"], "trainer.lr must be > 0"),  # method.lr is trainer.lr's default
+                (["method.lr=fast", "trainer.lr=1e-3"], "method.lr: Value 'fast'")],
+    "bitfit": [(["method.lr=-1e-3", "trainer.lr=1e-3"], "method.lr must be > 0"),
+               (["method.lr=fast", "trainer.lr=1e-3"], "method.lr: Value 'fast'")],
     "lora": [(["method.r=0"], "method.r must be a positive integer"),
              (["method.dropout=1.0"], r"method.dropout must be in \[0, 1\)"),
              (["method.target_modules=[nope]"], "matches no module of this model")],
@@ -163,6 +164,13 @@ def test_a_bad_setting_is_refused_before_anything_loads(monkeypatch, name, overr
     with pytest.raises(SiftError, match=message) as err:
         check_config(compose_config(["model=tiny-bert", f"method={name}", *FITS.get(name, []), *overrides]))
     assert "\n" not in str(err.value)
+
+
+def test_keys_a_method_does_not_read_are_left_out_with_a_warning(caplog):
+    """A sweep over methods puts one method's keys on all of them (README: `++method.sparse_rate`)."""
+    method = check_config(compose_config(["model=tiny-bert", "method=full_ft", "++method.sparse_rate=0.01"]))
+    assert "sparse_rate" not in method.cfg
+    assert "method: sparse_rate not a setting of method=full_ft, ignored" in caplog.text
 
 
 @pytest.mark.parametrize("overrides", [["method=sift", "method.sparse_rate=1.5"],

@@ -138,6 +138,6 @@ def test_sift_instruct_reports_pass_at_1_and_10_from_10_samples(tmp_path, monkey
                                       "task.eval.generations.prompts=[]", "task.eval.humaneval.max_new_tokens=4",
                                       "task.eval.humaneval.max_problems=2"])
     assert (job.cfg.task.eval.humaneval.n_samples, list(job.cfg.task.eval.humaneval.k)) == (10, [1, 10])
-    metrics = job.trainer.final_metrics()
+    metrics = job.trainer.evaluate_tests()
     assert calls == {"Toy/0": 10, "Toy/1": 10}
     assert metrics["humaneval_pass@1"] == pytest.approx(0.05) and metrics["humaneval_pass@10"] == pytest.approx(0.5)

@@ -83,17 +83,29 @@ def line_of(source: str, index: int) -> str:
     return f"{source} row {index}"
 
 
-def sample_k_shot(classes: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """LM-BFF few-shot split: per class, k training and k disjoint dev rows, from one seeded shuffle.
+def sample_k_shot(classes: np.ndarray, k: int, seed: int, earlier_seeds=()) -> tuple[np.ndarray, np.ndarray]:
+    """LM-BFF's few-shot split (tools/generate_k_shot_data.py), row for row and in its order.
 
-    `classes` holds each row's class (for regression, its bucket). Returns row indices (train, dev).
+    The rows are shuffled with numpy's legacy generator seeded with `seed` (the script's
+    `np.random.seed(seed); np.random.shuffle(lines)`); then, class by class in the order the classes first
+    appear in the shuffled rows, the first k rows of the class train and the next k are the dev set.
+    `earlier_seeds` are shuffles applied first, in order: the script shuffles a header-less file (CoLA) in
+    place, so there each seed starts from the order the seeds run before it left.
+
+    `classes` holds each row's class (for regression, its bucket). Returns row indices (train, dev), each in
+    the script's order.
     """
     if k <= 0:
         raise SiftError(f"data.k_shot must be a positive integer or null, got {k}")
-    order = np.random.RandomState(seed).permutation(len(classes))
+    order = np.arange(len(classes))
+    for shuffle_seed in (*earlier_seeds, seed):
+        # shuffling a list in place with this generator moves the row at position p[i] to position i
+        order = order[np.random.RandomState(int(shuffle_seed)).permutation(len(classes))]
+    shuffled = classes[order]
+    _, first_seen = np.unique(shuffled, return_index=True)
     train, dev = [], []
-    for label in np.unique(classes):
-        rows = order[classes[order] == label]
+    for label in shuffled[np.sort(first_seen)]:
+        rows = order[shuffled == label]
         if len(rows) < 2 * k:
             raise SiftError(
                 f"data.k_shot={k} needs {2 * k} rows of class {label} (k train + k dev), but the training "
@@ -102,6 +114,13 @@ def sample_k_shot(classes: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, n
         train.extend(rows[:k])
         dev.extend(rows[k : 2 * k])
     return np.array(train), np.array(dev)
+
+
+def seeds_before(chain, seed: int) -> list[int]:
+    """The shuffles LM-BFF's script ran on a header-less file before `seed`: the seeds ahead of it in `chain`
+    (the script's --seed list, in order); none when `seed` is not in the chain or there is no chain."""
+    chain = [int(s) for s in chain or []]
+    return chain[: chain.index(seed)] if seed in chain else []
 
 
 def split_off(n_rows: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

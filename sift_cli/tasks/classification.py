@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from omegaconf import OmegaConf
 from transformers import DataCollatorWithPadding
 
-from sift_cli.data import LOCAL_FORMATS, find_local_split, line_of, load_split, read_local, sample_k_shot, split_off
+from sift_cli.data import (LOCAL_FORMATS, find_local_split, line_of, load_split, read_local, sample_k_shot,
+                           seeds_before, split_off)
 from sift_cli.errors import SiftError
 from sift_cli.metrics import check_metric_names, glue_metrics
 from sift_cli.models import load_classifier
@@ -30,12 +32,14 @@ from sift_cli.tasks.prompt import PromptTemplate, load_prompt_model
 EXTRA_EVAL_KEYS = {"name", "split", "path", "local_dir", "text_columns", "label_column"}
 
 
-def split_training_set(train: Dataset, classes, data, select_on: str) -> tuple[Dataset, EvalSet | None]:
+def split_training_set(train: Dataset, classes, data, select_on: str, seed_chain=None
+                       ) -> tuple[Dataset, EvalSet | None]:
     """The rows that train and the set that selects the model: with `data.k_shot`, k rows per class each
-    (`classes(train)` gives the class of each row); otherwise a held-out slice when selecting on it, and at
-    most `data.max_train_samples` rows drawn with `data.seed`."""
+    (`classes(train)` gives the class of each row; `seed_chain`: the task's k_shot_seed_chain); otherwise a
+    held-out slice when selecting on it, and at most `data.max_train_samples` rows drawn with `data.seed`."""
     if data.k_shot is not None:
-        train_rows, dev_rows = sample_k_shot(classes(train), int(data.k_shot), int(data.seed))
+        earlier = seeds_before(seed_chain, int(data.seed))
+        train_rows, dev_rows = sample_k_shot(classes(train), int(data.k_shot), int(data.seed), earlier)
         return train.select(train_rows), EvalSet("dev", "", train.select(dev_rows))
     select = None
     if select_on == "heldout":
@@ -112,6 +116,15 @@ class ClassificationTask:
             return np.digitize(labels, np.asarray(buckets, dtype=float))
         return labels.astype(int)
 
+    def _seed_chain(self) -> list[int]:
+        chain = self.task.get("k_shot_seed_chain")
+        if chain is None:
+            return []
+        seeds = list(chain) if OmegaConf.is_list(chain) else None
+        if seeds is None or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise SiftError(f"task.k_shot_seed_chain must be a list of integer seeds or null, got {chain}")
+        return seeds
+
     def _tokenize(self, ds: Dataset) -> Dataset:
         columns = list(self.task.text_columns)
         label_column = self.task.label_column
@@ -134,7 +147,10 @@ class ClassificationTask:
         data = self.cfg.data
         select_on = self.select_on
         info = {"k_shot": data.k_shot, "data_seed": data.seed, "select_on": select_on}
-        train, select = split_training_set(self._read(self.task.train_split), self._classes, data, select_on)
+        chain = self._seed_chain()
+        if data.k_shot is not None:
+            info["k_shot_shuffle_seeds"] = [*seeds_before(chain, int(data.seed)), int(data.seed)]
+        train, select = split_training_set(self._read(self.task.train_split), self._classes, data, select_on, chain)
         tests = [EvalSet(split, suffix or "", capped(self._read(split), data))
                  for split, suffix in self.task.eval_splits.items()]
         tests += [EvalSet(name, f"_{name}", capped(ds, data)) for name, ds in self._extra_eval_sets(tests)]

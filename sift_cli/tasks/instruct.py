@@ -2,11 +2,13 @@
 held-out response loss, MMLU, HumanEval and a few saved generations.
 
 Data: rows {instruction, input (optional), output} from JSON files (an array, or JSON lines) or the hub. The
-prompt is the template with or without input. Prompt and response are tokenised apart and concatenated (the
-prompt with the tokenizer's special tokens such as BOS, the response without, then EOS), so the response
-tokens are exactly those the model generates after the prompt, and the only ones that carry loss: prompt
-tokens and padding are labelled -100. `packing` concatenates examples into blocks of max_length tokens; an
-example then attends to the earlier ones in its block, but keeps its own labels.
+prompt is the template with or without input. As in stanford_alpaca's train.py (`preprocess`), prompt and
+response are tokenised together as one text (with the tokenizer's special tokens such as BOS), then EOS,
+and the first len(tokenize(prompt)) tokens are labelled -100 (as is padding): only the response carries
+loss. Tokenised together, a SentencePiece (LLaMA) tokenizer starts the response without the word-start
+marker it would give a text of its own, so the tokens are the reference's. `packing` concatenates examples
+into blocks of max_length tokens; an example then attends to the earlier ones in its block, but keeps its
+own labels.
 
 Evaluations, one EvalSet each, marked by `run`:
 - `heldout` (loss): response loss and perplexity on data.heldout_size held-out rows (also the selection set),
@@ -86,15 +88,17 @@ class PromptTemplates:
 
 
 def encode_examples(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[dict | None]:
-    """input_ids and labels per example (labels -100 on the prompt); None when no response token fits."""
-    prompt_ids = tokenizer(prompts).input_ids
-    response_ids = tokenizer(responses, add_special_tokens=False).input_ids
+    """input_ids and labels per example as stanford_alpaca makes them: prompt + response tokenised as one text,
+    then EOS (the reference appends the EOS string to the text, which the tokenizer reads as that one special
+    token), cut to max_length; labels -100 on the first len(tokenize(prompt)) tokens. None when no response
+    token fits."""
+    prompt_lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
+    whole = tokenizer([prompt + response for prompt, response in zip(prompts, responses)]).input_ids
     encoded = []
-    for prompt, response in zip(prompt_ids, response_ids):
-        response = response + [tokenizer.eos_token_id]
-        ids = (prompt + response)[:max_length]
-        labels = ([IGNORE] * len(prompt) + response)[:max_length]
-        encoded.append({"input_ids": ids, "labels": labels} if len(prompt) < max_length else None)
+    for ids, n_prompt in zip(whole, prompt_lengths):
+        ids = (ids + [tokenizer.eos_token_id])[:max_length]
+        labels = [IGNORE] * min(n_prompt, len(ids)) + ids[n_prompt:]
+        encoded.append({"input_ids": ids, "labels": labels} if n_prompt < len(ids) else None)
     return encoded
 
 
@@ -231,6 +235,9 @@ class InstructTask:
         if self.eval_cfg.mmlu.form not in mmlu.FORMS:
             raise SiftError(f"task.eval.mmlu.form must be one of {', '.join(mmlu.FORMS)}, "
                             f"got {self.eval_cfg.mmlu.form!r}")
+        if self.eval_cfg.mmlu.prompt_style not in mmlu.PROMPT_STYLES:
+            raise SiftError(f"task.eval.mmlu.prompt_style must be one of {', '.join(mmlu.PROMPT_STYLES)}, "
+                            f"got {self.eval_cfg.mmlu.prompt_style!r}")
         self.run_humaneval = humaneval.execution_allowed(self.eval_cfg.humaneval)
         self.collator = CausalCollator(tokenizer.pad_token_id)
         self._loaders: dict[str, DataLoader] = {}  # evaluation loaders, prepared once
@@ -321,10 +328,13 @@ class InstructTask:
                 shots = dev.get(subject, [])[:k]
                 if len(shots) < k:
                     raise SiftError(f"MMLU {k}-shot needs {k} dev examples of {subject}, found {len(shots)}")
-                encoded += [mmlu.encode_question(self.tokenizer, q, shots, int(mcfg.max_length), letters, mcfg.form)
+                encoded += [mmlu.encode_question(self.tokenizer, q, shots, int(mcfg.max_length), letters, mcfg.form,
+                                                 mcfg.prompt_style)
                             for q in subject_questions]
             sets.append(InstructEvalSet(f"mmlu_{k}shot", "", encoded, run="mmlu"))
-            info[f"mmlu_{k}shot"] = {"form": mcfg.form, "subjects": len(questions), "questions": len(encoded),
+            info[f"mmlu_{k}shot"] = {"form": mcfg.form, "prompt_style": mcfg.prompt_style, "split": mcfg.split,
+                                     "max_questions_per_subject": mcfg.max_questions_per_subject,
+                                     "subjects": len(questions), "questions": len(encoded),
                                      "shots_dropped": sum(k - q.shots for q in encoded)}
         return sets
 
@@ -383,9 +393,9 @@ class InstructTask:
         questions = eval_set.dataset
         metrics = mmlu.accuracy_metrics(eval_set.split, [q.subject for q in questions],
                                         [answers[i] == q.answer for i, q in enumerate(questions)])
-        log.info("%s: %.4f (macro over %d subjects), %.4f (over %d questions)", eval_set.split,
-                 metrics[eval_set.split], len({q.subject for q in questions}), metrics[f"{eval_set.split}_micro"],
-                 len(questions))
+        log.info("%s: %.4f (over %d questions), %.4f (mean over %d subjects)", eval_set.split,
+                 metrics[eval_set.split], len(questions), metrics[f"{eval_set.split}_macro"],
+                 len({q.subject for q in questions}))
         return metrics
 
     def _humaneval(self, run, eval_set: InstructEvalSet) -> dict[str, float]:

@@ -1,18 +1,25 @@
 """MMLU (Hendrycks et al., ICLR 2021): 57 subjects of four-choice questions, answered by comparing the
 log-likelihoods the model gives the possible answers after a prompt, in one of two forms.
 
-`letter` (the default, the published number) is the original harness's prompt (github.com/hendrycks/test,
-evaluate.py), quirks included: a header naming the subject, k solved examples from the dev split, then the
-question, its choices "A. ..." and "Answer:"; the model's answer is the letter whose continuation " X" is most
-likely. `cloze` shows no choices: "Question: ...\nAnswer:" is followed by each choice's own text, and the
-answer is the choice with the highest log-likelihood per character (lm-evaluation-harness's acc_norm). Models
-too small to have learnt the letter format answer it with one letter whatever the question; the cloze form
-still tells them apart. A few-shot prompt longer than `max_length` tokens drops examples from the end until
-it fits, as the original does.
+`letter` (the default, the published number) shows the question, its choices "A. ..." and "Answer:"; the
+model's answer is the letter whose continuation " X" is most likely. `cloze` (lm-evaluation-harness's
+`mmlu_continuation`) shows no choices: "Question: ...\nAnswer:" is followed by each choice's own text, and
+the answer is the choice with the highest log-likelihood per character of the choice (lm-eval's acc_norm,
+which divides by len(choice), the space before it not counted). Models too small to have learnt the letter
+format answer it with one letter whatever the question; the cloze form still tells them apart. A few-shot
+prompt (the first k dev examples) longer than `max_length` tokens drops examples from the end until it fits,
+as the original does.
 
-Accuracy is reported per subject, per category (the original's four: STEM, humanities, social sciences,
-other) as the mean over its subjects, as the macro average over subjects (the headline number), and over
-all questions (`_micro`, the original's "average accuracy").
+The prompt's whitespace follows one of two references (`prompt_style`): `hendrycks`, the original harness
+(github.com/hendrycks/test, evaluate.py), quirks included: the question as written, and two spaces after
+"about" in the header; `lm_eval`, lm-evaluation-harness's templates: the question stripped, one space.
+Not reproduced: the original reads the CSVs with pandas, which turns a choice written "None" into "nan"
+(10 of the 14,042 test questions); here every field is the file's text.
+
+Accuracy is reported as both references report it, over all questions (the headline `NAME`; hendrycks'
+"Average accuracy", lm-eval's group score with weight_by_size), and per category (the original's four:
+STEM, humanities, social sciences, other) over the category's questions; also per subject and as the mean
+over subjects (`NAME_macro`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from sift_cli.errors import SiftError
 
 LETTERS = ("A", "B", "C", "D")
 FORMS = ("letter", "cloze")
+PROMPT_STYLES = ("hendrycks", "lm_eval")
 HUB_SPLITS = {"dev": "dev", "val": "validation", "test": "test"}
 CATEGORIES = ("stem", "humanities", "social_sciences", "other")
 
@@ -153,26 +161,32 @@ def load_questions(mcfg, data_dir: str | None, split: str, subjects: list[str] |
 
 
 # ---- prompts ---------------------------------------------------------------------------------------
-def format_question(question: Question, with_answer: bool) -> str:
-    text = question.text + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices))
+def question_text(question: Question, style: str) -> str:
+    return question.text.strip() if style == "lm_eval" else question.text
+
+
+def format_question(question: Question, with_answer: bool, style: str = "hendrycks") -> str:
+    text = question_text(question, style)
+    text += "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices))
     text += "\nAnswer:"
     return text + f" {LETTERS[question.answer]}\n\n" if with_answer else text
 
 
-def format_cloze(question: Question, with_answer: bool) -> str:
-    text = f"Question: {question.text}\nAnswer:"
+def format_cloze(question: Question, with_answer: bool, style: str = "hendrycks") -> str:
+    text = f"Question: {question_text(question, style)}\nAnswer:"
     return text + f" {question.choices[question.answer]}\n\n" if with_answer else text
 
 
-def build_prompt(question: Question, shots: list[Question], form: str = "letter") -> str:
+def build_prompt(question: Question, shots: list[Question], form: str = "letter", style: str = "hendrycks") -> str:
+    subject = " ".join(question.subject.split("_"))
     if form == "cloze":
-        subject = " ".join(question.subject.split("_"))
-        header = f"The following are questions (with answers) about {subject}.\n\n"
-        return header + "".join(format_cloze(shot, True) for shot in shots) + format_cloze(question, False)
-    # The original joins " " + each word of the subject after "about ", hence the double space.
-    subject = "".join(" " + word for word in question.subject.split("_"))
-    header = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-    return header + "".join(format_question(shot, True) for shot in shots) + format_question(question, False)
+        header, example = f"The following are questions (with answers) about {subject}.\n\n", format_cloze
+    else:
+        # The original joins " " + each word of the subject after "about ", hence its double space.
+        about = f" {subject}" if style == "hendrycks" else subject
+        header = f"The following are multiple choice questions (with answers) about {about}.\n\n"
+        example = format_question
+    return header + "".join(example(shot, True, style) for shot in shots) + example(question, False, style)
 
 
 def answer_continuations(tokenizer, answers) -> tuple[tuple[int, ...], ...]:
@@ -193,12 +207,13 @@ def letter_continuations(tokenizer) -> tuple[tuple[int, ...], ...]:
 
 
 def encode_question(tokenizer, question: Question, shots: list[Question], max_length: int,
-                    letters: tuple[tuple[int, ...], ...], form: str = "letter") -> EncodedQuestion:
+                    letters: tuple[tuple[int, ...], ...], form: str = "letter",
+                    style: str = "hendrycks") -> EncodedQuestion:
     """The prompt with as many of `shots` as fit in `max_length` tokens with the longest continuation: the
     answer letters' (`letters`, from letter_continuations) or, in the cloze form, the question's choices'."""
     if form == "cloze":
         continuations = answer_continuations(tokenizer, question.choices)
-        lengths = tuple(len(f" {choice}") for choice in question.choices)
+        lengths = tuple(len(choice) for choice in question.choices)  # lm-eval's acc_norm: the choice's characters
     else:
         continuations, lengths = letters, (1,) * len(letters)
     room = max_length - max(len(c) for c in continuations)
@@ -206,10 +221,10 @@ def encode_question(tokenizer, question: Question, shots: list[Question], max_le
         raise SiftError(f"task.eval.mmlu.max_length={max_length} leaves no room for a {question.subject} "
                         f"question before its longest answer ({max(len(c) for c in continuations)} tokens)")
     kept = len(shots)
-    context = tokenizer(build_prompt(question, shots[:kept], form)).input_ids
+    context = tokenizer(build_prompt(question, shots[:kept], form, style)).input_ids
     while len(context) > room and kept > 0:
         kept -= 1
-        context = tokenizer(build_prompt(question, shots[:kept], form)).input_ids
+        context = tokenizer(build_prompt(question, shots[:kept], form, style)).input_ids
     return EncodedQuestion(question.subject, question.answer, tuple(context[-room:]), continuations, kept, lengths)
 
 
@@ -257,15 +272,15 @@ def best_answer(likelihoods: list[float], lengths: tuple[int, ...]) -> int:
 
 
 def accuracy_metrics(name: str, subjects: list[str], correct: list[bool]) -> dict[str, float]:
-    """Per subject (`NAME/SUBJECT`), per category (`NAME_CATEGORY`, mean over its subjects), macro (`NAME`)
-    and micro (`NAME_micro`) accuracy."""
+    """Accuracy over all questions (`NAME`), per category over its questions (`NAME_CATEGORY`), per subject
+    (`NAME/SUBJECT`) and the mean over subjects (`NAME_macro`)."""
     per_subject: dict[str, list[bool]] = {}
     for subject, ok in zip(subjects, correct):
         per_subject.setdefault(subject, []).append(ok)
     accuracy = {subject: sum(oks) / len(oks) for subject, oks in sorted(per_subject.items())}
-    metrics = {name: sum(accuracy.values()) / len(accuracy), f"{name}_micro": sum(correct) / len(correct)}
+    metrics = {name: sum(correct) / len(correct), f"{name}_macro": sum(accuracy.values()) / len(accuracy)}
     for category in CATEGORIES:
-        members = [acc for subject, acc in accuracy.items() if SUBJECT_CATEGORY[subject] == category]
+        members = [ok for subject, oks in per_subject.items() if SUBJECT_CATEGORY[subject] == category for ok in oks]
         if members:
             metrics[f"{name}_{category}"] = sum(members) / len(members)
     metrics.update({f"{name}/{subject}": acc for subject, acc in accuracy.items()})

@@ -27,7 +27,7 @@ def load(tokenizer, overrides):
 def test_each_task_loads_from_fixtures(task, fixture_data, tokenizer):
     cfg = compose_config([f"task={task}", f"data.dir={fixture_data}", "data.k_shot=2"])
     data = build_task(cfg, tokenizer).load()
-    classes = 5 if cfg.task.num_labels == 1 else cfg.task.num_labels  # STS-B: five score buckets
+    classes = 2 if cfg.task.num_labels == 1 else cfg.task.num_labels  # STS-B: scores below 2.5 and the rest
     assert len(data.train) == 2 * classes and len(data.select.dataset) == 2 * classes
     assert [t.split for t in data.tests] == list(cfg.task.eval_splits)
     row = data.train[0]
@@ -90,8 +90,8 @@ def test_real_data_loads_as_the_hub_schema(real_data, tokenizer):
     data = load(tokenizer, ["task=glue/sst2", f"data.dir={real_data}", "data.k_shot=16"])
     assert len(data.train) == 32 and len(data.select.dataset) == 32
     assert data.info["n_eval"] == {"validation": 872}
-    mnli = load(tokenizer, ["task=glue/stsb", f"data.dir={real_data}", "data.k_shot=8"])
-    assert len(mnli.train) == 40
+    stsb = load(tokenizer, ["task=glue/stsb", f"data.dir={real_data}", "data.k_shot=16"])
+    assert len(stsb.train) == 32 and len(stsb.select.dataset) == 32  # LM-BFF's two classes, split at 2.5
 
 
 def test_real_data_without_a_train_split_fails_clearly(real_data, tokenizer):

@@ -1,5 +1,6 @@
 """Instruction tuning: Alpaca prompts, response-only loss, packing, data errors, selection and end-to-end runs."""
 
+import copy
 import json
 import os
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from sift_cli.errors import SiftError
 from sift_cli.models import load_tokenizer
@@ -83,6 +86,60 @@ def test_only_response_tokens_carry_loss(tokenizer, data_root):
     padding = batch["attention_mask"][short] == 0
     assert padding.any() and (batch["labels"][short][padding] == IGNORE).all()
     assert (batch["input_ids"][short][padding] == tokenizer.pad_token_id).all()
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A LLaMA-like tokenizer trained here: BPE with byte fallback over Metaspace words ("▁" marks a word start,
+    added before the text's first word too), BOS added, EOS "</s>"."""
+    corpus = [row[key] for row in ROWS for key in ("instruction", "input", "output")] + [STANFORD_WITH_INPUT]
+    spm = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    spm.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400,
+                                                        special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    spm.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", spm.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def stanford_alpaca_preprocess(tokenizer, sources, targets, max_length):
+    """stanford_alpaca train.py's preprocess and _tokenize_fn, step for step (the targets end with the EOS text)."""
+    def tokenize(strings):
+        tokenized = [tokenizer(text, return_tensors="pt", padding="longest", max_length=max_length, truncation=True)
+                     for text in strings]
+        return ([t.input_ids[0] for t in tokenized],
+                [t.input_ids.ne(tokenizer.pad_token_id).sum().item() for t in tokenized])
+
+    input_ids, _ = tokenize([s + t for s, t in zip(sources, targets)])
+    _, source_lens = tokenize(sources)
+    labels = copy.deepcopy(input_ids)
+    for label, source_len in zip(labels, source_lens):
+        label[:source_len] = IGNORE
+    return [ids.tolist() for ids in input_ids], [label.tolist() for label in labels]
+
+
+@pytest.mark.parametrize("max_length", [512, 30])
+def test_examples_are_tokenised_as_stanford_alpaca_does(sentencepiece_tokenizer, max_length):
+    tok = sentencepiece_tokenizer
+    prompts = [templates().render(r["instruction"], r["input"]) for r in ROWS]
+    outputs = [r["output"] for r in ROWS]
+    ids, labels = stanford_alpaca_preprocess(tok, prompts, [o + tok.eos_token for o in outputs], max_length)
+    ours = encode_examples(tok, prompts, outputs, max_length)
+    for example, expected_ids, expected_labels in zip(ours, ids, labels):
+        if all(label == IGNORE for label in expected_labels):  # no response token fits: we drop the example
+            assert example is None
+        else:
+            assert example == {"input_ids": expected_ids, "labels": expected_labels}
+    kept = sum(example is not None for example in ours)
+    assert kept == len(ROWS) if max_length == 512 else 0 < kept < len(ROWS)  # 30: some cut, some dropped
+    if max_length == 512:
+        # tokenised apart, every response would start with a word-start piece that the reference never sees
+        for example, output in zip(ours, outputs):
+            first = next(i for i, label in zip(example["input_ids"], example["labels"]) if label != IGNORE)
+            alone = tok(output, add_special_tokens=False).input_ids[0]
+            assert first != alone and tok.convert_ids_to_tokens(alone).startswith("▁")
 
 
 def test_long_examples_lose_their_response_end_or_are_dropped(tokenizer):
@@ -170,7 +227,9 @@ def test_the_evaluation_sets(tokenizer, data_root):
     assert [(t.split, t.run) for t in data.tests] == [
         ("heldout", "loss"), ("mmlu_0shot", "mmlu"), ("mmlu_5shot", "mmlu"), ("generations", "generations")]
     assert data.select is data.tests[0]
-    assert data.info["mmlu_5shot"] == {"form": "letter", "subjects": 2, "questions": 4, "shots_dropped": 0}
+    assert data.info["mmlu_5shot"] == {"form": "letter", "prompt_style": "hendrycks", "split": "test",
+                                       "max_questions_per_subject": None, "subjects": 2, "questions": 4,
+                                       "shots_dropped": 0}
     quiet = make_task(tokenizer, data_root, "task.eval.mmlu.enabled=false", "task.eval.generations.prompts=[]").load()
     assert [t.split for t in quiet.tests] == ["heldout"]
 
@@ -203,7 +262,12 @@ def test_lora_and_sift_runs_write_mmlu_and_loss_results(tmp_path, data_root, cap
         assert result["status"] == "completed" and result["task"] == "alpaca" and result["model"] == "tiny-llama"
         assert result["main_metric"] == "heldout_loss" and result["main_score"] == metrics["heldout_loss"] > 0
         assert {"heldout_perplexity", "mmlu_0shot", "mmlu_5shot", "mmlu_0shot_stem", "mmlu_0shot_humanities",
-                "mmlu_0shot/abstract_algebra", "mmlu_0shot/philosophy", "mmlu_5shot_micro"} <= set(metrics)
+                "mmlu_0shot/abstract_algebra", "mmlu_0shot/philosophy", "mmlu_0shot_macro", "mmlu_5shot_macro"
+                } <= set(metrics)
+        algebra, philosophy = metrics["mmlu_0shot/abstract_algebra"], metrics["mmlu_0shot/philosophy"]
+        assert metrics["mmlu_0shot"] == pytest.approx((3 * algebra + philosophy) / 4)  # per question: 3 and 1
+        assert metrics["mmlu_0shot_macro"] == pytest.approx((algebra + philosophy) / 2)
+        assert result["data"]["mmlu_0shot"]["prompt_style"] == "hendrycks"
         assert result["selection"]["on"] == "last" and 0 < result["trainable_params"] < result["total_params"]
         generations = (Path(result["run_dir"]) / "generations.jsonl").read_text().splitlines()
         assert len(generations) == 3 and json.loads(generations[0])["step"] == 2

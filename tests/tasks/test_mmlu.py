@@ -1,5 +1,5 @@
-"""MMLU: the original prompt and the cloze form, answer log-likelihoods, accuracy per subject and category,
-input errors."""
+"""MMLU: the original prompt, lm-eval's prompt and the cloze form, answer log-likelihoods, accuracy over
+questions, categories and subjects, input errors."""
 
 from collections import Counter
 from types import SimpleNamespace
@@ -79,6 +79,39 @@ def test_the_cloze_prompt_shows_no_choices_and_answers_with_the_choice():
     )
 
 
+def test_the_lm_eval_prompt_strips_the_question_and_uses_one_space():
+    """lm-eval's templates (tasks/mmlu/default and continuation): description, then "{{question.strip()}}" ..."""
+    question = mmlu.Question("abstract_algebra", "  What is 1 + 1 in Z_2? \n", ("0", "1", "2", "3"), 0)
+    shot = mmlu.Question("abstract_algebra", " Dev?", ("a", "b", "c", "d"), 1)
+    assert mmlu.build_prompt(question, [shot], "letter", "lm_eval") == (
+        "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+        "Dev?\nA. a\nB. b\nC. c\nD. d\nAnswer: B\n\n"
+        "What is 1 + 1 in Z_2?\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer:"
+    )
+    assert mmlu.build_prompt(question, [shot], "cloze", "lm_eval") == (
+        "The following are questions (with answers) about abstract algebra.\n\n"
+        "Question: Dev?\nAnswer: b\n\n"
+        "Question: What is 1 + 1 in Z_2?\nAnswer:"
+    )
+    assert mmlu.build_prompt(question, [], "letter", "hendrycks") == (
+        "The following are multiple choice questions (with answers) about  abstract algebra.\n\n"
+        "  What is 1 + 1 in Z_2? \n\nA. 0\nB. 1\nC. 2\nD. 3\nAnswer:"
+    )
+
+
+def test_the_prompt_style_reaches_the_prompts_and_the_info(tokenizer, data_root):
+    write_csv(data_root / "mmlu" / "test" / "philosophy_test.csv", [(" Who wrote the Republic? ", "Plato", "Kant",
+                                                                     "Hume", "Locke", "A")])
+    for style, header, question in (("hendrycks", "about  philosophy.", " Who wrote the Republic? \nA."),
+                                    ("lm_eval", "about philosophy.", "\n\nWho wrote the Republic?\nA.")):
+        task, sets = mmlu_sets(tokenizer, data_root, f"task.eval.mmlu.prompt_style={style}", "task.eval.mmlu.shots=[0]",
+                               "task.eval.mmlu.max_questions_per_subject=1")
+        prompt = tokenizer.decode(sets["mmlu_0shot"].dataset[-1].context, skip_special_tokens=True)
+        assert header in prompt and question in prompt
+        info = task.load().info["mmlu_0shot"]
+        assert info["prompt_style"] == style and info["max_questions_per_subject"] == 1 and info["questions"] == 2
+
+
 def test_cloze_answers_are_compared_per_character():
     assert mmlu.best_answer([-10.0, -3.0], (10, 2)) == 0  # -1.0 per character beats -1.5
     assert mmlu.best_answer([-10.0, -3.0], (1, 1)) == 1   # letters: the plain log-likelihood
@@ -89,16 +122,37 @@ def test_cloze_questions_continue_with_each_choice(tokenizer, data_root):
     _, sets = mmlu_sets(tokenizer, data_root, "task.eval.mmlu.form=cloze")
     cyclic = sets["mmlu_0shot"].dataset[1]
     assert [tokenizer.decode(c) for c in cyclic.continuations] == [" Z_4", " Z_2 x Z_2", " S_3", " D_4"]
-    assert cyclic.lengths == (4, 10, 4, 4)
+    assert cyclic.lengths == (3, 9, 3, 3)  # lm-eval's acc_norm: len(choice), the space before it not counted
     five = tokenizer.decode(sets["mmlu_5shot"].dataset[1].context, skip_special_tokens=True)
     assert five.count("Question:") == 6 and "\nA." not in five and five.endswith("Which group is cyclic?\nAnswer:")
 
 
+def test_lm_evals_acc_norm_picks_another_choice_than_the_length_with_the_space(tokenizer):
+    question = mmlu.Question("philosophy", "Q?", ("a", "bbbb", "cc", "dd"), 1)
+    encoded = mmlu.encode_question(tokenizer, question, [], 512, mmlu.letter_continuations(tokenizer), "cloze")
+    assert encoded.lengths == (1, 4, 2, 2)
+    likelihoods = [-2.2, -8.4, -9.0, -9.0]  # per character: -2.2, -2.1, -4.5, -4.5; with the space: -1.1, -1.68, ...
+    assert mmlu.best_answer(likelihoods, encoded.lengths) == 1
+    assert mmlu.best_answer(likelihoods, tuple(n + 1 for n in encoded.lengths)) == 0
+
+
+def test_accuracy_is_over_questions_with_the_subject_mean_beside_it():
+    subjects = ["abstract_algebra"] * 3 + ["astronomy", "philosophy", "philosophy"]
+    correct = [True, False, False, True, True, True]
+    assert mmlu.accuracy_metrics("mmlu_0shot", subjects, correct) == pytest.approx({
+        "mmlu_0shot": 4 / 6,                        # hendrycks' weighted_acc, lm-eval's weight_by_size
+        "mmlu_0shot_macro": (1 / 3 + 1 + 1) / 3,
+        "mmlu_0shot_stem": 2 / 4,                   # over the category's questions, not its subjects' mean (2/3)
+        "mmlu_0shot_humanities": 1.0,
+        "mmlu_0shot/abstract_algebra": 1 / 3, "mmlu_0shot/astronomy": 1.0, "mmlu_0shot/philosophy": 1.0,
+    })
+
+
 @pytest.mark.parametrize("letter, expected", [
     # abstract_algebra answers A, B, A; philosophy answers A
-    ("A", {"abstract_algebra": 2 / 3, "philosophy": 1.0, "micro": 3 / 4}),
-    ("B", {"abstract_algebra": 1 / 3, "philosophy": 0.0, "micro": 1 / 4}),
-    ("C", {"abstract_algebra": 0.0, "philosophy": 0.0, "micro": 0.0}),
+    ("A", {"abstract_algebra": 2 / 3, "philosophy": 1.0, "all": 3 / 4}),
+    ("B", {"abstract_algebra": 1 / 3, "philosophy": 0.0, "all": 1 / 4}),
+    ("C", {"abstract_algebra": 0.0, "philosophy": 0.0, "all": 0.0}),
 ])
 def test_accuracy_on_a_hand_made_csv(tokenizer, data_root, letter, expected):
     task, sets = mmlu_sets(tokenizer, data_root)
@@ -108,7 +162,7 @@ def test_accuracy_on_a_hand_made_csv(tokenizer, data_root, letter, expected):
         name = f"mmlu_{shots}shot"
         algebra, philosophy = expected["abstract_algebra"], expected["philosophy"]
         assert metrics == pytest.approx({
-            name: (algebra + philosophy) / 2, f"{name}_micro": expected["micro"],
+            name: expected["all"], f"{name}_macro": (algebra + philosophy) / 2,
             f"{name}_stem": algebra, f"{name}_humanities": philosophy,
             f"{name}/abstract_algebra": algebra, f"{name}/philosophy": philosophy,
         })

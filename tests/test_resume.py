@@ -131,7 +131,8 @@ def test_a_sweep_run_again_into_its_directory_skips_what_completed_and_refuses_a
 
 def test_sigterm_ends_a_sweep_and_running_it_again_continues_in_place(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = sweep_args(sweep_dir, "trainer.max_steps=400", "trainer.checkpoint_every=4")  # still training at the signal
+    # still training when the signal comes, after the first checkpoint
+    args = sweep_args(sweep_dir, "trainer.max_steps=200", "trainer.checkpoint_every=50", "trainer.eval_every=50")
     process = subprocess.Popen([sys.executable, "-m", "sift_cli.run", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     deadline = time.time() + 300
@@ -152,7 +153,7 @@ def test_sigterm_ends_a_sweep_and_running_it_again_continues_in_place(tmp_path):
     assert f"resumed {sweep_dir / name} at step {interrupted['steps']}" in again.stdout + again.stderr
     finished = results_in(sweep_dir)
     assert list(finished) == [name, "1_bitfit_sst2_tiny-bert_s42"]
-    assert all(r["status"] == "completed" and r["steps"] == 400 for r in finished.values())
+    assert all(r["status"] == "completed" and r["steps"] == 200 for r in finished.values())
 
 
 # Patches a point of the job to send the process a real signal there (once), as a pre-emption would.

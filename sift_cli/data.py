@@ -1,12 +1,16 @@
 """Reading task data from a local data root or the Hugging Face hub, and the few-shot sampler.
 
 A local data root holds `glue/TASK/SPLIT.{jsonl,parquet,csv}` in the schema of the hub's `nyu-mll/glue`,
-so the same rows come back either way.
+so the same rows come back either way. The package ships SST-2 in that layout (sift_cli/assets/data, made
+by scripts/bundle_sst2.py), so that the default job runs with neither a data root nor the hub; it is read
+only when both are missing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from importlib.resources import files
 from pathlib import Path
 
 import datasets
@@ -18,7 +22,10 @@ from sift_cli.errors import SiftError
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
 
+log = logging.getLogger("sift_cli")
+
 LOCAL_FORMATS = {".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+BUNDLED_DATA = Path(str(files("sift_cli"))) / "assets" / "data"  # a data root of what the package ships
 
 
 def find_local_split(data_dir: str | Path, sub_dir: str, split: str) -> Path:
@@ -60,17 +67,28 @@ def read_local(path: Path) -> Dataset:
 
 
 def load_split(task, split: str, data_dir: str | None) -> tuple[Dataset, str]:
-    """One split of a task and where it came from (a file, for error messages, or the hub id)."""
+    """One split of a task and where it came from (a file, for error messages, or the hub id).
+
+    From the local data root when one is set, else from the hub, else from the copy bundled with the
+    package (the default job's SST-2 only); a log line says which.
+    """
     if data_dir:
         path = find_local_split(data_dir, task.local_dir, split)
+        log.info("data: %s %s from the local data root (%s)", task.name, split, path)
         return read_local(path), str(path)
     try:
         ds = datasets.load_dataset(task.hub_id, task.hub_subset, split=split)
     except Exception as err:
-        raise SiftError(
-            f"cannot load split '{split}' of {task.hub_id}/{task.hub_subset} from the hub "
-            f"({type(err).__name__}); set data.dir or SIFT_DATA_DIR to a local data root"
-        ) from None
+        bundled = BUNDLED_DATA / task.local_dir / f"{split}.parquet"
+        if not bundled.is_file():
+            raise SiftError(
+                f"cannot load split '{split}' of {task.hub_id}/{task.hub_subset} from the hub "
+                f"({type(err).__name__}); set data.dir or SIFT_DATA_DIR to a local data root"
+            ) from None
+        log.info("data: %s %s from the copy bundled with sift-run (%s); no data root, and the hub is "
+                 "unavailable (%s)", task.name, split, bundled, type(err).__name__)
+        return read_local(bundled), str(bundled)
+    log.info("data: %s %s from the hub (%s/%s)", task.name, split, task.hub_id, task.hub_subset)
     return ds, f"{task.hub_id}/{task.hub_subset}:{split}"
 
 

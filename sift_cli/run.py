@@ -1,9 +1,12 @@
 """`sift-run`: compose model x task x method x trainer x logger with Hydra, train, evaluate, write results.json.
 
-A run directory is never reused: a directory that already holds results.json is refused. Input errors
-(config values, data files, model paths) are one line and a non-zero exit, and leave no run directory
-behind; a failure once training has started is recorded as `status: failed` in results.json. In a sweep
-(`-m`), a failed job is recorded and the sweep goes on; the exit code says whether any job failed.
+A run directory is never overwritten: one that already holds a run of another config is refused, while
+a run of the same config there is skipped (completed, with skip_completed) or continued (unfinished), so
+a sweep run again into the same sweep directory resumes in place. Input errors (config values, data
+files, model paths) are one line and a non-zero exit, and leave no run directory behind; a failure once
+training has started is recorded as `status: failed` in results.json. In a sweep (`-m`), a failed job is
+recorded and the sweep goes on; the exit code says whether any job failed. SIGINT and SIGTERM stop the
+whole sweep, whenever they come (`_stop_on_signals`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ class Job:
         self.fingerprint = fingerprint(cfg)
         self.started_at = datetime.now(timezone.utc)
         self.clock = time.perf_counter()
+        self.phase = "set-up"  # then training, evaluation, writing: what a signal does depends on it
+        self.stop_signal: str | None = None  # the name of a SIGINT/SIGTERM received during the job
+        self.fitted = None  # the method's FitResult, once training is over
+        self.after_fit: dict | None = None  # resumed from a checkpoint taken after training: what fit left
 
     def setup(self) -> None:
         import torch
@@ -107,8 +114,12 @@ class Job:
         return self.trainer
 
     def fit(self) -> dict:
-        """Train as the method says, put the model it reports in place, and return that model's test metrics."""
+        """Train as the method says, and return the test metrics of the model it reports."""
         self.fitted = self.method.fit(self.trainer.loop)
+        return self.final_metrics()
+
+    def final_metrics(self) -> dict:
+        """Put the model the method's fit reports in place and return its test metrics."""
         if self.fitted.state is not None:
             self.method.load_trainable_state(self.trainer.unwrapped_model, self.fitted.state)
         return self.fitted.metrics if self.fitted.metrics is not None else self.trainer.evaluate_tests()
@@ -122,6 +133,11 @@ class Job:
 
         state = torch.load(self.run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
         self.trainer.load_state_dict(state)
+        self.after_fit = state.get("after_fit")
+        if self.after_fit is not None:
+            from sift_cli.context import FitResult
+
+            self.fitted = FitResult(**self.after_fit["fitted"])
         curve = self.run_dir / METRICS_FILE
         if curve.exists() and self.accelerator.is_main_process:
             kept = [line for line in curve.read_text().splitlines(keepends=True)
@@ -138,26 +154,39 @@ class Job:
         recorder = Recorder(self.run_dir, self.cfg.logger, run_name(self.cfg), self.group, config, is_main)
         failed = True
         try:
-            with _stop_on_signals(self):
-                self.make_trainer(recorder)
-                if self.resume_from is not None:
-                    self.resume()
-                elif self.cfg.trainer.eval_on_start:
-                    self.trainer.evaluate_start()
-                log.info("%s: %d of %d parameters train (%.3f%%), %d steps", run_name(self.cfg),
-                         self.trainable_params, self.total_params, 100 * self.trainable_params / self.total_params,
-                         self.trainer.total_steps)
-                metrics = self.fit()
+            self.make_trainer(recorder)
+            if self.resume_from is not None:
+                self.resume()
+            elif self.cfg.trainer.eval_on_start:
+                self.trainer.evaluate_start()
+            log.info("%s: %d of %d parameters train (%.3f%%), %d steps", run_name(self.cfg),
+                     self.trainable_params, self.total_params, 100 * self.trainable_params / self.total_params,
+                     self.trainer.total_steps)
+            self.phase = "training"
+            if self.fitted is None:  # not resumed from a checkpoint taken after training
+                self.fitted = self.method.fit(self.trainer.loop)
+            self.phase = "evaluation"
+            if self.stop_signal:  # it came after the trainer last looked for one
+                raise Interrupted(f"stopped by {self.stop_signal} at the end of training")
+            metrics = self.final_metrics()
+            self.phase = "writing"
             results = self.results("completed", metrics=metrics)
             if self.cfg.save.weights and is_main:
                 self.save_weights()
             recorder.summary({"main_score": results["main_score"], **metrics})
             failed = False
         except Interrupted as err:
+            stopped_in, self.phase = self.phase, "writing"  # a second signal waits for the record below
+            message = str(err)
+            if stopped_in == "evaluation" and self.trainer.optimizer is not None:
+                # training is complete: keep it, with what fit left, so that a rerun only evaluates
+                self.trainer.save_checkpoint(after_fit={"fitted": vars(self.fitted), "method_info": self.method_info()})
+                message += "; training is complete and checkpointed"
             if is_main:
-                self.write(self.results("interrupted", error=str(err)))
-            raise
+                self.write(self.results("interrupted", error=message))
+            raise Interrupted(message) from None
         except Exception as err:
+            self.phase = "writing"
             results = self.results("failed", error=f"{type(err).__name__}: {err}")
             if is_main:
                 self.write(results)
@@ -203,7 +232,7 @@ class Job:
             "selection": (fitted.selection if fitted else trainer.selection_info()) if trainer else None,
             "start_metrics": trainer.start_metrics if trainer else None,
             "data": getattr(getattr(self, "data", None), "info", None),
-            "method_info": self.method.summary() if hasattr(self, "method") else {},
+            "method_info": self.method_info(),
             "error": error,
             "run_dir": str(self.run_dir),
             "started_at": self.started_at.isoformat(timespec="seconds"),
@@ -211,6 +240,11 @@ class Job:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "versions": versions(),
         }
+
+    def method_info(self) -> dict:
+        if self.after_fit is not None:
+            return self.after_fit["method_info"]
+        return self.method.summary() if hasattr(self, "method") else {}
 
     def write(self, results: dict) -> None:
         from sift_cli.results import RESULTS_FILE, write_json_atomic
@@ -226,18 +260,31 @@ class Job:
         write_bytes_atomic(self.run_dir / "trainable.safetensors", save({k: v.contiguous() for k, v in state.items()}))
 
 
+_STOPPED = {"set-up": "during set-up", "evaluation": "during the final evaluation"}
+
+
 @contextmanager
-def _stop_on_signals(job: Job):
-    """SIGINT and SIGTERM ask the trainer to checkpoint and stop at the next step, not to die mid-write."""
+def _stop_on_signals(job: Job | None):
+    """SIGINT and SIGTERM stop the job and with it the sweep, whenever they come, leaving a record to resume.
+
+    In training the trainer checkpoints and stops at its next step; in set-up, or in the final evaluation
+    (after which `Job.run` checkpoints the trained state), the job stops at once; while results are
+    written, it stops once they are. Each ends in `Interrupted`, which is not an `Exception`, so Hydra's
+    loop never goes on to the next job. With no job (before, between or after the jobs), it stops at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def request_stop(signum, frame):
-        trainer = getattr(job, "trainer", None)
-        if trainer is None:
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} before training")
-        trainer.stop_requested = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if job is None:
+            raise Interrupted(f"stopped by {name} outside a job")
+        job.stop_signal = job.stop_signal or name
+        if job.phase == "training":
+            job.trainer.stop_requested = name
+        elif job.phase != "writing":
+            raise Interrupted(f"stopped by {name} {_STOPPED[job.phase]}")
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -300,6 +347,28 @@ def _shared_run_dir(run_dir: Path) -> Path:
     return shared
 
 
+def _in_own_dir(cfg: DictConfig, run_dir: Path) -> tuple[Path | None, Path | None]:
+    """(a completed run to skip, an unfinished run to resume) in the job's own directory, which a sweep run
+    again into the same sweep directory finds taken; (None, None) when the job starts afresh there."""
+    from sift_cli.results import METRICS_FILE
+    from sift_cli.runs import fingerprint, held_in
+
+    held = held_in(run_dir, fingerprint(cfg))
+    if held == "completed":
+        if not cfg.skip_completed:
+            raise SiftError(f"{run_dir} already holds a completed run of this config; it is never overwritten "
+                            "(skip_completed=true skips it)")
+        return run_dir, None
+    if held == "unfinished":
+        if cfg.resume in (None, "never", False):
+            raise SiftError(f"{run_dir} holds an unfinished run of this config; resume={cfg.resume} would "
+                            "overwrite it")
+        return None, run_dir
+    if _is_main_process():  # a curve left by a run stopped before its first checkpoint
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+    return None, None
+
+
 def run_job(cfg: DictConfig) -> dict | None:
     from sift_cli.results import RESULTS_FILE, read_results
 
@@ -307,43 +376,49 @@ def run_job(cfg: DictConfig) -> dict | None:
     run_dir = _shared_run_dir(Path(hydra_cfg.runtime.output_dir))
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     group = f"sweep-{Path(hydra_cfg.sweep.dir).name}" if multirun else None
-    if (run_dir / RESULTS_FILE).exists():
-        raise SiftError(f"{run_dir} already holds the results of another run; it is never overwritten")
-    done, earlier = _earlier_run(cfg, run_dir)
+    done, earlier = _in_own_dir(cfg, run_dir)
+    if done is None and earlier is None:
+        done, earlier = _earlier_run(cfg, run_dir)
     if done is not None:
         _discard_fresh(run_dir)
         results = read_results(done / RESULTS_FILE)
         print(f"{run_name(cfg)}: already completed in {done}; skipped", flush=True)
         return results
-    if earlier is not None:
+    if earlier is not None and earlier != run_dir:
         _discard_fresh(run_dir)
         run_dir = earlier
         _follow_log_to(run_dir)
     job = Job(cfg, run_dir, group, resume_from=earlier)
-    try:
-        job.setup()
-    except SiftError as err:
-        if not multirun:
+    with _stop_on_signals(job):
+        try:
+            job.setup()
+        except Interrupted:
             if earlier is None:
                 _discard_fresh(run_dir)
             raise
+        except SiftError as err:
+            if not multirun:
+                if earlier is None:
+                    _discard_fresh(run_dir)
+                raise
+            if _is_main_process():
+                job.write(job.results("failed", error=str(err)))
+            _FAILED_JOBS.append(f"{run_dir.name}: {err}")
+            log.error("job failed: %s", err)
+            return None
+        try:
+            results = job.run()
+        except Exception as err:
+            if not multirun:
+                raise
+            _FAILED_JOBS.append(f"{run_dir.name}: {err}")
+            log.error("job failed: %s", err)
+            return None
         if _is_main_process():
-            job.write(job.results("failed", error=str(err)))
-        _FAILED_JOBS.append(f"{run_dir.name}: {err}")
-        log.error("job failed: %s", err)
-        return None
-    try:
-        results = job.run()
-    except Exception as err:
-        if not multirun:
-            raise
-        _FAILED_JOBS.append(f"{run_dir.name}: {err}")
-        log.error("job failed: %s", err)
-        return None
-    if not _is_main_process():
-        return results
-    score = results["main_score"]
-    print(f"{run_name(cfg)}: {results['main_metric']} = {score:.4f}  (run dir: {run_dir})", flush=True)
+            score = results["main_score"]
+            print(f"{run_name(cfg)}: {results['main_metric']} = {score:.4f}  (run dir: {run_dir})", flush=True)
+        if job.stop_signal:  # it came while the results were written: they are complete, the sweep ends here
+            raise Interrupted(f"stopped by {job.stop_signal} once {run_name(cfg)} had completed")
     return results
 
 
@@ -387,7 +462,8 @@ def one_line(err: BaseException) -> str:
 def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us, to report them in one line
     try:
-        _hydra_main()
+        with _stop_on_signals(None):  # before, between and after jobs; each job installs its own
+            _hydra_main()
         if _PENDING:
             raise _PENDING.pop()
     except RunFailed as err:

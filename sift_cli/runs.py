@@ -1,7 +1,9 @@
 """Earlier runs of the same config: an unfinished one to resume, or a completed one to skip.
 
 Two runs are "the same" when their resolved configs agree on everything that can change the result; the
-fingerprint leaves out where results go, logging, and the resume and skip switches themselves.
+fingerprint leaves out where results go, logging, and the resume and skip switches themselves. A job whose
+own directory already holds a run (a sweep run again into the same `hydra.sweep.dir`) continues or skips
+that run when it is of the same config, and never overwrites one of another config.
 """
 
 from __future__ import annotations
@@ -73,3 +75,32 @@ def resumable(run_dir: Path, print_: str) -> Path:
     if found != print_:
         raise SiftError(f"resume={run_dir}: that run has a different config; rerun it with its own overrides")
     return run_dir
+
+
+def held_in(run_dir: Path, print_: str) -> str | None:
+    """What a job's own directory already holds of this config, before the job starts there.
+
+    None: nothing (start there); "completed": a finished run (skip it); "unfinished": a run with a
+    checkpoint (continue it); "restart": a run stopped before its first checkpoint (start it again).
+    A run of another config, a failed run or an unreadable results.json is refused: never overwritten.
+    """
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    results = _read(results_path)
+    if results is None and results_path.exists():
+        raise SiftError(f"{results_path} is unreadable; a run directory is never overwritten")
+    marker = run_dir / CHECKPOINT_DIR / FINGERPRINT_FILE
+    checkpoint = marker.read_text().strip() if marker.is_file() and (marker.parent / CHECKPOINT_FILE).is_file() \
+        else None
+    if results is None and checkpoint is None:
+        return None
+    if (results or {}).get("fingerprint", checkpoint) != print_:
+        raise SiftError(f"{run_dir} already holds the results of another run (another config); "
+                        "it is never overwritten")
+    status = results.get("status") if results else None
+    if status == "completed":
+        return "completed"
+    if status == "failed":
+        raise SiftError(f"{run_dir} holds a failed run of this config (see its results.json); it is never "
+                        "overwritten: remove that directory to run the job again")
+    return "unfinished" if checkpoint == print_ else "restart"

@@ -3,7 +3,7 @@
 Scores are aggregated over seeds and printed the way papers print them (x100, one decimal, mean ± std).
 A failed run is counted and shown, never turned into a number, and runs that should not be compared
 (another model-selection split, few-shot k or model) are named on stderr instead of being averaged
-silently.
+silently, as are differing versions of torch, transformers or peft among the runs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ LOWER_IS_BETTER = {"ece", "loss", "perplexity"}
 UNSCALED = {"loss", "perplexity"}
 # Protocol keys whose values must agree for the numbers in one table to be comparable.
 PROTOCOL_KEYS = ("selection.on", "config.data.k_shot", "model")
+# Libraries whose release can move a number by itself (results.json records their versions).
+VERSIONED = ("torch", "transformers", "peft")
 FIELDS = ("value", "std", "n", "failed")
 
 
@@ -188,6 +190,22 @@ def protocol_warnings(table: Table) -> list[str]:
     if "seed" not in table.group_by and repeated.any():
         messages.append(f"{repeated.sum()} run(s) repeat a (row, task, seed, data seed) already in the table and "
                         f"count as extra seeds: {', '.join(scored.loc[repeated, 'file'])}")
+    return messages
+
+
+def version_warnings(table: Table) -> list[str]:
+    """One line per library (torch, transformers, peft) whose recorded version differs among the runs that
+    contribute a number: a new release can change results by itself, so such a table mixes more than methods."""
+    scored = table.runs[table.runs["score"].notna()]
+    messages = []
+    for package in VERSIONED:
+        column = f"versions.{package}"
+        if column not in scored.columns:
+            continue
+        counts = scored[column].dropna().value_counts().sort_index()
+        if len(counts) > 1:
+            found = ", ".join(f"{version} ({n} run{'s' if n > 1 else ''})" for version, n in counts.items())
+            messages.append(f"the runs used different {package} versions: {found}")
     return messages
 
 
@@ -354,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.metric or args.paper):  # a paper's tables pick their own metrics
             check_one_kind(kept)
         table = aggregate(kept, group_by, args.metric, args.stat)
-        for message in protocol_warnings(table):
+        for message in protocol_warnings(table) + version_warnings(table):
             _warn(message)
         header = summary(len(runs), table)
         if args.format == "csv" or args.paper:

@@ -293,15 +293,16 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self._stream = self._batches()
 
-    def save_checkpoint(self) -> None:
-        """Atomically replace the run's checkpoint (main process only), with the config's fingerprint."""
+    def save_checkpoint(self, **extra) -> None:
+        """Atomically replace the run's checkpoint (main process only), with the config's fingerprint;
+        `extra` entries are stored beside the trainer's state."""
         if self.checkpoint_dir is None:
             return
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             buffer = io.BytesIO()
-            torch.save(self.state_dict(), buffer)
+            torch.save({**self.state_dict(), **extra}, buffer)
             # the fingerprint first: a checkpoint file is only ever seen with its fingerprint beside it
             write_bytes_atomic(self.checkpoint_dir / FINGERPRINT_FILE, self.fingerprint.encode())
             write_bytes_atomic(self.checkpoint_dir / CHECKPOINT_FILE, buffer.getvalue())

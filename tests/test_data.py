@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sift_cli.data import find_local_split, read_local, sample_k_shot, seeds_before, split_off
+from sift_cli.data import BUNDLED_DATA, find_local_split, read_local, sample_k_shot, seeds_before, split_off
 from sift_cli.errors import SiftError
 from sift_cli.models import load_tokenizer
 from sift_cli.tasks import build_task
@@ -84,6 +84,14 @@ def test_jsonl_parquet_and_csv_give_the_same_rows(fixture_data, tmp_path):
     for split in ("train", "validation"):
         other = read_local(find_local_split(tmp_path, "glue/mrpc", split)).to_pandas()
         pd.testing.assert_frame_equal(rows[other.columns], other, check_dtype=False)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_the_bundled_sst2_holds_the_rows_of_the_data_root(real_data, split):
+    bundled = read_local(find_local_split(BUNDLED_DATA, "glue/sst2", split))
+    original = read_local(real_data / "glue" / "sst2" / f"{split}.jsonl")
+    assert bundled.features == original.features
+    assert bundled.to_dict() == original.to_dict()
 
 
 def test_missing_split_names_the_file(tmp_path):

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.conftest import FIXTURES, make_job
+from tests.conftest import FIXTURES, compose_config, make_job
 
 FAST = ["model=tiny-bert", f"data.dir={FIXTURES}", "data.k_shot=4", "trainer.max_steps=3", "trainer.eval_every=3"]
 CONTRACT = {"status", "task", "method", "model", "seed", "metrics", "main_metric", "main_score",
@@ -133,6 +134,33 @@ def test_an_earlier_run_is_never_overwritten(tmp_path):
     second = sift_run(tmp_path, *FAST, "method=bitfit", f"hydra.run.dir={run_dir}")
     assert second.returncode == 2 and "never overwritten" in second.stderr
     assert (run_dir / "results.json").read_bytes() == before
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}  # no data root (sift_run drops SIFT_DATA_DIR)
+
+
+@pytest.mark.slow
+def test_the_default_job_runs_with_no_data_root_and_no_hub(tmp_path, monkeypatch):
+    out = sift_run(tmp_path, "trainer.max_steps=2", "data.max_eval_samples=32", env=OFFLINE)  # shorter, else as is
+    assert out.returncode == 0, out.stderr
+    assert "data: sst2 train from the copy bundled with sift-run" in out.stdout + out.stderr
+    assert "full_ft-sst2-minilm-l6-s42: accuracy = " in out.stdout
+    [result] = results_under(tmp_path / "runs")
+    assert result["status"] == "completed" and result["data"]["n_eval"] == {"validation": 32}
+    monkeypatch.delenv("SIFT_DATA_DIR", raising=False)
+    default = compose_config([])  # what `sift-run` with nothing set runs: the same job, with no data root
+    assert default.data.dir is None and result["config"]["data"]["dir"] is None
+    assert (default.model.name, default.task.name, default.method.name) == ("minilm-l6", "sst2", "full_ft")
+    expected = OmegaConf.to_container(default, resolve=True)
+    assert {key: result["config"][key] for key in ("model", "task", "method", "seed")} == \
+        {key: expected[key] for key in ("model", "task", "method", "seed")}
+
+
+def test_other_tasks_with_no_data_root_and_no_hub_fail_in_one_line(tmp_path):
+    out = sift_run(tmp_path, "task=glue/cola", env=OFFLINE)
+    assert out.returncode == 2 and not list((tmp_path / "runs").glob("*/*"))  # no run directory left
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        "sift-run: error: cannot load split 'train' of nyu-mll/glue/cola from the hub")
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from tests.results_helpers import write_run
 
 
 def write(root, name, method, task, seed, score, status="completed", pct=1.0, k_shot=16, ece=0.1,
-          main_metric="accuracy"):
+          main_metric="accuracy", versions=None):
     run = root / name
     run.mkdir(parents=True)
     metrics = {} if status != "completed" else {main_metric: score, "ece": ece}
@@ -20,7 +20,8 @@ def write(root, name, method, task, seed, score, status="completed", pct=1.0, k_
         "metrics": metrics, "main_metric": main_metric, "main_score": score if status == "completed" else None,
         "trainable_params": int(pct * 1000), "total_params": 100000, "trainable_pct": pct, "train_time_s": 1.0,
         "selection": {"on": "dev"}, "config": {"data": {"k_shot": k_shot}, "method": {"name": method}},
-        "error": None if status == "completed" else "boom"}))
+        "error": None if status == "completed" else "boom",
+        "versions": versions or {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2"}}))
 
 
 @pytest.fixture
@@ -101,6 +102,22 @@ def test_mixed_protocols_are_flagged(runs, capsys):
     write(runs, "d1", "lora", "mrpc", 1, 0.7, k_shot=None)
     main([str(runs)])
     assert "k_shot" in capsys.readouterr().err
+
+
+def test_one_version_of_the_libraries_gives_no_warning(runs, capsys):
+    main([str(runs)])
+    assert "versions" not in capsys.readouterr().err
+
+
+def test_runs_on_other_library_versions_are_named_one_line_per_library(runs, capsys):
+    write(runs, "d1", "lora", "mrpc", 1, 0.7, versions={"torch": "2.13.0", "transformers": "5.0.0", "peft": "0.17.0",
+                                                         "datasets": "3.0.0"})
+    write(runs, "d2", "lora", "mrpc", 2, 0.6, status="failed", versions={"torch": "2.4.0"})  # no number: not counted
+    main([str(runs)])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "versions" in line]
+    assert warnings == ["sift-table: warning: the runs used different transformers versions: 5.0.0 (1 run), "
+                        "5.24.0 (6 runs)",
+                        "sift-table: warning: the runs used different peft versions: 0.17.0 (1 run), 0.21.2 (6 runs)"]
 
 
 def test_errors_are_one_line(tmp_path, capsys):

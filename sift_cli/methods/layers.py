@@ -5,9 +5,10 @@ parameter-cost model live here once. Every strategy states its cost per layer as
 (`LayerCost`), which is what the S4 budget rule solves for; the tests check that the modules attached
 have exactly that many parameters.
 
-Adapters and prefixes are our own modules, attached with forward hooks, so the checkpoint's parameter
-names stay as they are (BitFit still finds its biases by name): peft has no bottleneck adapter, and its
-prefix tuning feeds a cache to the whole model, so it cannot put a prefix on some layers only. LoRA
+Adapters and prefixes are our own modules (adapters attached with forward hooks, prefixes through the
+attention interface), so the checkpoint's parameter names stay as they are (BitFit still finds its biases
+by name): peft has no bottleneck adapter, and its prefix tuning feeds a cache to the whole model, so it
+cannot put a prefix on some layers only. LoRA
 goes through peft (`layers_to_transform` picks the layers, `rank_pattern` gives each layer its rank).
 """
 
@@ -107,17 +108,53 @@ def attach_adapters(layer: nn.Module, bottleneck: int, placement: str) -> list[n
 
 
 # ---- prefix tuning --------------------------------------------------------------------------------
-class _PrefixKeyValues:
-    """Stands in for a key/value cache: the attention prepends the prefix to its keys and values."""
+# The prefix enters through transformers' documented AttentionInterface: the model's attention implementation
+# is switched to one of ours, which prepends a module's prefix keys and values and widens the mask, then runs
+# sdpa or eager attention. It relies on no argument name of the attention modules, and a forward hook checks
+# on every call that the prefix was applied, so a release that routes around it fails loudly, never silently.
+PREFIX_ATTENTION = "sift_prefix_"  # + the attention it wraps: sift_prefix_sdpa, sift_prefix_eager
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        self.keys, self.values = keys, values
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx=None):
-        batch = keys.shape[0]
-        prefix_keys = self.keys.to(keys.dtype).expand(batch, -1, -1, -1)
-        prefix_values = self.values.to(values.dtype).expand(batch, -1, -1, -1)
-        return torch.cat([prefix_keys, keys], dim=2), torch.cat([prefix_values, values], dim=2)
+def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """softmax(q k^T * scaling + additive mask) v, the textbook attention (transformers keeps one per model)."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = nn.functional.dropout(torch.softmax(weights, dim=-1), p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _prefix_attention(base: str):
+    from transformers import AttentionInterface
+
+    inner = _eager_attention if base == "eager" else AttentionInterface()[base]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        prefix = getattr(module, "prefix", None)
+        if isinstance(prefix, Prefix):
+            key, value, attention_mask = prefix.extend(key, value, attention_mask)
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def use_prefix_attention(model: nn.Module) -> None:
+    """Switch the model to the prefix-aware version of its attention (sdpa or eager); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    current = model.config._attn_implementation
+    if current.startswith(PREFIX_ATTENTION):
+        return
+    if current not in ("sdpa", "eager"):
+        raise SiftError(f"prefix tuning supports sdpa or eager attention, not {current!r}")
+    name = PREFIX_ATTENTION + current
+    AttentionInterface.register(name, _prefix_attention(current))
+    AttentionMaskInterface.register(name, AttentionMaskInterface()[current])  # the masks `current` gets
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise SiftError(f"{type(model).__name__} does not let prefix tuning set its attention implementation")
 
 
 class Prefix(nn.Module):
@@ -132,23 +169,43 @@ class Prefix(nn.Module):
         self.num_heads, self.length = num_heads, length
         self.embedding = nn.Parameter(torch.randn(length, hidden))
         self.mlp = nn.Sequential(nn.Linear(hidden, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, 2 * kv_width))
+        self.applied = False  # set by the attention in each forward; checked by the forward hook
 
     def key_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values shaped (1, heads, length, head size), as the attention holds them."""
         keys, values = self.mlp(self.embedding).view(self.length, 2, self.num_heads, -1).permute(1, 2, 0, 3)
         return keys.unsqueeze(0), values.unsqueeze(0)
 
-    def before(self, module, args, kwargs):
-        """Forward pre-hook on a self-attention module: hand it the prefix as its key/value cache."""
-        if kwargs.get("past_key_values") is not None:
-            raise SiftError("prefix tuning here supports encoders without a key/value cache")
-        mask = kwargs.get("attention_mask")
-        if mask is not None:  # the prefix is visible to every position: "attend" is True (bool) or 0 (additive)
+    def extend(self, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None):
+        """Prepend the prefix to keys and values (batch, heads, positions, head size) and let every query see it.
+
+        The mask is boolean (True: attend) or additive (0: attend), shaped (..., queries, positions), or None.
+        """
+        keys, values = self.key_values()
+        if key.dim() != 4 or key.shape[1] != self.num_heads or key.shape[-1] != keys.shape[-1] \
+                or value.shape != key.shape:
+            raise SiftError(f"prefix tuning: the attention's keys {tuple(key.shape)} and values {tuple(value.shape)} "
+                            f"are not (batch, {self.num_heads} heads, positions, {keys.shape[-1]})")
+        if mask is not None:
+            if mask.shape[-1] != key.shape[2]:
+                raise SiftError(f"prefix tuning: the attention mask {tuple(mask.shape)} does not cover the "
+                                f"{key.shape[2]} key positions")
             attend = torch.ones if mask.dtype == torch.bool else torch.zeros
-            visible = attend(*mask.shape[:-1], self.length, dtype=mask.dtype, device=mask.device)
-            kwargs["attention_mask"] = torch.cat([visible, mask], dim=-1)
-        kwargs["past_key_values"] = _PrefixKeyValues(*self.key_values())
-        return args, kwargs
+            mask = torch.cat([attend(*mask.shape[:-1], self.length, dtype=mask.dtype, device=mask.device), mask], -1)
+        batch = key.shape[0]
+        key = torch.cat([keys.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([values.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        self.applied = True
+        return key, value, mask
+
+    def before(self, module, args):
+        self.applied = False
+
+    def after(self, module, args, output):
+        if not self.applied:
+            implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+            raise SiftError(f"prefix tuning: the self-attention ran without its prefix (attention implementation "
+                            f"{implementation!r}); this transformers release dispatches attention differently")
 
 
 def prefix_cost(layer: nn.Module, mlp_hidden: int) -> LayerCost:
@@ -157,10 +214,13 @@ def prefix_cost(layer: nn.Module, mlp_hidden: int) -> LayerCost:
     return LayerCost(fixed=mlp, unit=hidden)
 
 
-def attach_prefix(layer: nn.Module, length: int, mlp_hidden: int) -> list[nn.Module]:
+def attach_prefix(model: nn.Module, layer: nn.Module, length: int, mlp_hidden: int) -> list[nn.Module]:
+    """A prefix on one layer's self-attention (and the model switched to the prefix-aware attention)."""
+    use_prefix_attention(model)
     attention = layer.attention.self
     attention.prefix = Prefix(_hidden(layer), _kv_width(layer), attention.num_attention_heads, length, mlp_hidden)
-    attention.register_forward_pre_hook(attention.prefix.before, with_kwargs=True)
+    attention.register_forward_pre_hook(attention.prefix.before)
+    attention.register_forward_hook(attention.prefix.after)
     return [attention.prefix]
 
 

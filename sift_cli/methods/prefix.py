@@ -43,7 +43,7 @@ class PrefixTuning(Method):
     def prepare(self, model, ctx):
         length, mlp_hidden = int(self.cfg.length), int(self.cfg.mlp_hidden)
         layers = encoder_layers(model, self.name)
-        added = [prefix for layer in layers for prefix in attach_prefix(layer, length, mlp_hidden)]
+        added = [prefix for layer in layers for prefix in attach_prefix(model, layer, length, mlp_hidden)]
         train_only(model, added, [], ctx.new_params)
         self.info = {"length": length, "mlp_hidden": mlp_hidden, "layers": len(layers),
                      "prefix_params": prefix_cost(layers[0], mlp_hidden).at(length) * len(layers)}

@@ -187,7 +187,7 @@ class S4(Method):
                 if "adapter" in strategies:
                     modules += attach_adapters(layer, sizes[g]["adapter"], cfg.adapter_placement)
                 if "prefix" in strategies:
-                    modules += attach_prefix(layer, sizes[g]["prefix"], int(cfg.prefix_mlp_hidden))
+                    modules += attach_prefix(model, layer, sizes[g]["prefix"], int(cfg.prefix_mlp_hidden))
                 if "lora" in strategies:
                     lora_ranks[index] = sizes[g]["lora"]
         if lora_ranks:

@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from sift_cli.errors import SiftError
 from tests.methods.layer_helpers import SENTENCES, hidden_states, prepared, trainable
+
+BATCHES = {"padded": SENTENCES, "unpadded": SENTENCES[:1]}
 
 HIDDEN = 32  # tiny-bert (key/value width equals the hidden size)
 
@@ -22,14 +25,57 @@ def test_every_self_attention_gets_a_prefix_and_only_prefixes_and_head_train():
     assert m.count_trainable(model) == 2 * prefix_params(5, 7) + head
 
 
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_prefix_changes_the_output_and_padding_does_not(attention):
+def test_prefix_changes_the_output(attention, batch):
     _, model, _, tokenizer = prepared("prefix", attention=attention)
     _, plain, _, _ = prepared("full_ft", attention=attention)
+    change = hidden_states(model, tokenizer, BATCHES[batch]) - hidden_states(plain, tokenizer, BATCHES[batch])
+    assert change.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padding_does_not_change_the_unpadded_rows(attention):
+    _, model, _, tokenizer = prepared("prefix", attention=attention)
     batch = hidden_states(model, tokenizer)
-    assert not torch.allclose(batch, hidden_states(plain, tokenizer), atol=1e-3)
     alone = hidden_states(model, tokenizer, SENTENCES[:1])  # unpadded: the extended mask must keep padding out
+    assert batch.shape[1] > alone.shape[1]
     assert torch.allclose(batch[0, : alone.shape[1]], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_self_attention_output_is_attention_over_prefix_and_tokens(attention):
+    """The first layer's self-attention, recomputed by hand from its weights, its prefix MLP and the padding."""
+    _, model, _, tokenizer = prepared("prefix", attention=attention)
+    module = model.bert.encoder.layer[0].attention.self
+    seen = {}
+    module.register_forward_hook(lambda mod, args, kwargs, out: seen.update(h=args[0] if args else
+                                 kwargs["hidden_states"], out=out[0]), with_kwargs=True)
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        model(**batch)
+        h, heads, prefix = seen["h"], module.num_attention_heads, module.prefix
+        size = HIDDEN // heads
+        split = lambda x: x.view(x.shape[0], -1, heads, size).transpose(1, 2)  # (batch, heads, positions, size)
+        generated = prefix.mlp(prefix.embedding)  # (length, [keys | values])
+        keys = torch.cat([generated[:, :HIDDEN].view(1, -1, heads, size).transpose(1, 2).expand(2, -1, -1, -1),
+                          split(module.key(h))], dim=2)
+        values = torch.cat([generated[:, HIDDEN:].view(1, -1, heads, size).transpose(1, 2).expand(2, -1, -1, -1),
+                            split(module.value(h))], dim=2)
+        scores = split(module.query(h)) @ keys.transpose(-1, -2) / size**0.5
+        visible = torch.cat([torch.ones(2, prefix.length, dtype=torch.bool), batch["attention_mask"].bool()], 1)
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        expected = (scores.softmax(-1) @ values).transpose(1, 2).reshape(2, -1, HIDDEN)
+    assert keys.shape[2] == prefix.length + batch["input_ids"].shape[1]
+    assert torch.allclose(seen["out"], expected, atol=1e-5)
+
+
+def test_an_attention_that_skips_the_prefix_fails_loudly():
+    _, model, _, tokenizer = prepared("prefix")
+    model.config._attn_implementation = "sdpa"  # as if a release bypassed the prefix-aware attention
+    with pytest.raises(SiftError, match="ran without its prefix"):
+        hidden_states(model, tokenizer)
 
 
 def test_sdpa_and_eager_attention_agree_with_a_prefix():
@@ -38,10 +84,11 @@ def test_sdpa_and_eager_attention_agree_with_a_prefix():
     assert torch.allclose(hidden_states(sdpa, tokenizer), hidden_states(eager, tokenizer), atol=1e-5)
 
 
-def test_gradients_reach_the_prefix_embedding_and_mlp():
+@pytest.mark.parametrize("batch", BATCHES)
+def test_gradients_reach_the_prefix_embedding_and_mlp(batch):
     _, model, _, tokenizer = prepared("prefix")
     model.train()
-    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
-    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    inputs = tokenizer(BATCHES[batch], padding=True, return_tensors="pt")
+    model(**inputs, labels=torch.tensor([0, 1])[: len(BATCHES[batch])]).loss.backward()
     prefix = model.bert.encoder.layer[0].attention.self.prefix
     assert prefix.embedding.grad.abs().sum() > 0 and prefix.mlp[0].weight.grad.abs().sum() > 0

@@ -46,7 +46,7 @@ def test_sift_and_sam_are_filled_in():
     sift = load_paper("sift")
     assert {r.table for r in sift} == {"GLUE", "Instruction tuning", "Memory"}
     instruction = {r.metric for r in sift if r.table == "Instruction tuning"}
-    assert instruction == {"mmlu_0shot_micro", "humaneval_pass@1", "humaneval_pass@10"}  # no 5-shot column
+    assert instruction == {"mmlu_0shot", "humaneval_pass@1", "humaneval_pass@10"}  # no 5-shot column
 
 
 def _task_option(task: str) -> str:
@@ -226,12 +226,12 @@ def test_the_pretrained_row_reads_the_evaluation_before_training(toy_paper, tmp_
 
 def test_a_table_published_for_several_models_compares_the_model_of_the_runs(tmp_path):
     root = tmp_path / "runs"
-    write_run(root, "sift", "alpaca", 1, {"mmlu_0shot_micro": 0.50}, model="llama-13b")
+    write_run(root, "sift", "alpaca", 1, {"mmlu_0shot": 0.50}, model="llama-13b")
     comparison = compare(load_results([root]), "sift")
     assert comparison.table == "Instruction tuning" and comparison.model == "llama-13b"
-    assert _cells(comparison)[("sift", "alpaca", "mmlu_0shot_micro")].paper == 46.7  # LLaMA-13B's row, not 7B's 40.7
+    assert _cells(comparison)[("sift", "alpaca", "mmlu_0shot")].paper == 46.7  # LLaMA-13B's row, not 7B's 40.7
     small = tmp_path / "small"
-    write_run(small, "sift", "alpaca", 1, {"mmlu_0shot_micro": 0.30}, model="smollm2-135m")
+    write_run(small, "sift", "alpaca", 1, {"mmlu_0shot": 0.30}, model="smollm2-135m")
     comparison = compare(load_results([small]), "sift")
     assert comparison.model == "llama-7b" and comparison.other_models == ["llama-13b", "llama-33b"]
 

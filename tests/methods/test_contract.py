@@ -105,7 +105,10 @@ def test_memory_plans_that_are_not_modelled_say_so(name):
 # ---- settings refused before any work ------------------------------------------------------------------
 BAD_SETTINGS = {
     "full_ft": [(["method.lr=0"], "lr must be > 0"),  # method.lr is also trainer.lr's default
-                (["+method.rank=4"], "method.rank is not a setting of method=full_ft")],
+                (["+method.rank=4"], "method.rank is not a setting of method=full_ft"),
+                (["method.new_lr=0"], "method.new_lr must be > 0 or null")],
+    "linear_probe": [(["method.lr=-1"], "lr must be > 0"),
+                     (["+method.new_lr=1e-2"], "method.new_lr is not a setting of method=linear_probe")],
     "bitfit": [(["method.lr=fast"], "lr must be > 0, got 'fast'"),
                (["+method.bias_only=true"], "method.bias_only is not a setting of method=bitfit")],
     "lora": [(["method.r=0"], "method.r must be a positive integer"),
@@ -137,11 +140,16 @@ BAD_SETTINGS = {
              "method.stage1_epochs=10 is longer than training"),
             (["method.gamma_min=20"], r"method.gamma_min \(20.0\) exceeds method.gamma_max"),
             (["method.base.lr=0"], "method.base.lr must be > 0"),
-            (["method.base=lora"], "method@method.base=NAME")],
+            (["method.base=lora"], "method@method.base=NAME"),
+            (["method.arm=published"], "method.arm must be one of intended, as_published")],
     "graft": [(["method.sparsity=0"], r"method.sparsity must be in \(0, 1\]"),
               (["method.freeze=[layers]"], "method.freeze must be a list of groups among embeddings and head"),
               (["method@method.base=graft"], "method.base must name another method than graft"),
-              (["task=superglue/copa"], "method=graft works with classification tasks")],
+              (["task=superglue/copa"], "method=graft works with classification tasks"),
+              (["method.head=fixed"], "method.head must be one of trained, random, probe"),
+              (["method.sparsity_sweep=[1e-4,2]"], r"method.sparsity_sweep must be a list of sparsities in \(0, 1\]"),
+              (["method.sparsity_sweep=[1e-9]"], r"method.sparsity_sweep=\[1e-09\] selects no entry"),
+              (["method.source=/x", "method.head=probe"], "with method.source the head is the source run's")],
 }
 
 

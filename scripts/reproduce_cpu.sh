@@ -19,7 +19,7 @@ OUT=${REPRODUCE_DIR:-runs/reproduce}
 PYTHON=${PYTHON:-python}
 
 # Cheapest first, so a run cut short still reports the most tables.
-ALL=(sift_memory_cpu pac_glue_table_cpu graft_lmbff_table_cpu sift_glue_cpu design_spaces_glue_cpu
+ALL=(sift_memory_cpu graft_lmbff_table_cpu pac_glue_table_cpu sift_glue_cpu design_spaces_glue_cpu
      sift_instruct_cpu sam_glue_superglue_cpu)
 EXPERIMENTS=() OVERRIDES=()
 while (($#)); do

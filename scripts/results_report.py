@@ -28,8 +28,16 @@ from sift_cli.results import write_bytes_atomic  # noqa: E402
 PAPERS = {"sift": "sift", "sam": "sam", "design": "design_spaces", "pac": "pac", "graft": "graft"}
 BENCH = "sift_memory_cpu"  # measured by sift-bench, not trained by sift-run
 # Tables besides the runs' own scores: a graft run's score is its grafted model's; its fine-tuned model is
-# what the paper compares it with.
-EXTRA_METRICS = {"graft": ["method_info.models.fine_tuned.accuracy"]}
+# what the paper compares it with, and the pre-trained model and a random graft of the same size are the
+# floor; the gain kept is null unless fine-tuning gained more than two standard errors. A PAC-tuning run's
+# jobs are told apart by their pac_arm, and the share of the most predicted class shows a collapse.
+EXTRA_METRICS = {"graft": ["method_info.models.fine_tuned.accuracy", "method_info.models.pretrained.accuracy",
+                           "method_info.models.random_graft.accuracy", "method_info.gain_kept.grafted",
+                           "method_info.gain_kept.random_graft"],
+                 "pac": ["predicted_class_share"]}
+GROUP_BY = {"pac": ["--group-by", "config.pac_arm"], "graft": ["--group-by", "method,config.method.head"]}
+# The paper's tables compare methods: PAC-tuning as its code means it; grafts of a probe-fitted head.
+PAPER_FILTER = {"pac": ["--filter", "config.pac_arm=pac_intended"], "graft": ["--filter", "config.method.head=probe"]}
 
 
 def experiments(runs: Path) -> list[str]:
@@ -41,14 +49,22 @@ def experiments(runs: Path) -> list[str]:
 
 
 def description(experiment: str) -> str:
-    """The experiment file's header comment, less its first line (the command, shown separately)."""
+    """The first paragraph of the experiment file's header comment after its first line (the command, shown
+    separately); the file's other paragraphs (its differences from the official code) are pointed to."""
     lines = (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").read_text().splitlines()[1:]
-    header = []
-    for line in lines:
+    paragraphs = [[]]
+    for line in lines[1:]:
         if not line.startswith("#"):
             break
-        header.append(line.lstrip("# ").rstrip())
-    return " ".join(line for line in header[1:] if line)
+        text = line.lstrip("# ").rstrip()
+        if text:
+            paragraphs[-1].append(text)
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    paragraphs = [p for p in paragraphs if p]
+    more = (f" Remaining differences from the official code: conf/experiment/{experiment}.yaml."
+            if len(paragraphs) > 1 else "")
+    return " ".join(paragraphs[0]) + more if paragraphs else ""
 
 
 def hours(seconds: float) -> str:
@@ -82,22 +98,43 @@ def tool(args: list[str]) -> tuple[str, str, list[str]]:
     return shown, out.stdout, notes
 
 
+def recorded(folder: Path, option: list[str]) -> list[str]:
+    """`option` (["--group-by", "KEYS"] or ["--filter", "KEY=VALUE"]) when some run under `folder` records every
+    key it names (runs from before a key existed are tabled as they were), else nothing."""
+    if not option:
+        return []
+    keys = [k.strip().split("=")[0] for k in option[1].split(",") if k.strip() != "method"]
+    for path in folder.rglob("results.json"):
+        record = json.loads(path.read_text())
+        if all(_dotted(record, key) is not None for key in keys):
+            return option
+    return []
+
+
+def _dotted(record: dict, key: str):
+    for part in key.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
+
+
 def section_for_runs(experiment: str, folder: Path, output: Path) -> list[str]:
     rel = os.path.relpath(folder, ROOT)
     plots = output.parent / "results" / experiment
+    family = experiment.split("_")[0]
+    group_by = recorded(folder, GROUP_BY.get(family, []))
     lines = []
-    shown, text, notes = tool([rel, "--plot", os.path.relpath(plots, ROOT)])
+    shown, text, notes = tool([rel, *group_by, "--plot", os.path.relpath(plots, ROOT)])
     lines += [f"`{shown}`", "", text.strip(), ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
     for name, title in (("budget_curve.png", "score against trainable-parameter share"),
                         ("task_bars.png", "per-task scores, one dot per seed")):
         if (plots / name).exists():
             lines += [f"![{title}]({os.path.relpath(plots / name, output.parent)})", ""]
-    for metric in EXTRA_METRICS.get(experiment.split("_")[0], []):
-        shown, text, notes = tool([rel, "--metric", metric])
+    for metric in EXTRA_METRICS.get(family, []):
+        shown, text, notes = tool([rel, *group_by, "--metric", metric])
         lines += [f"`{shown}`", "", text.strip(), ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
-    paper = PAPERS.get(experiment.split("_")[0])
+    paper = PAPERS.get(family)
     if paper:
-        shown, text, notes = tool([rel, "--paper", paper])
+        shown, text, notes = tool([rel, *recorded(folder, PAPER_FILTER.get(family, [])), "--paper", paper])
         lines += [f"`{shown}`", ""] + ([text.strip(), ""] if text.strip() else []) + [f"> {n}" for n in notes]
         lines.append("")
     return lines

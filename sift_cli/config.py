@@ -15,6 +15,8 @@ SELECT_ON = ("auto", "dev", "validation", "heldout", "last")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 MODEL_INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "sgd")
+MODEL_HEADS = ("default", "cls_linear")
 
 
 def compose(overrides: list[str]) -> DictConfig:
@@ -70,6 +72,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(t.schedule, "trainer.schedule", ("linear", "constant"))
     _choice(t.precision, "trainer.precision", PRECISIONS)
     _choice(t.device, "trainer.device", ("auto", "cpu"))
+    _choice(t.get("optimizer", "adamw"), "trainer.optimizer", OPTIMIZERS)
     _positive_int(d.k_shot, "data.k_shot", allow_null=True)
     _need(isinstance(d.seed, int) and d.seed >= 0, f"data.seed must be a non-negative integer, got {d.seed!r}")
     for key in ("max_train_samples", "max_eval_samples"):
@@ -78,3 +81,24 @@ def validate(cfg: DictConfig) -> None:
     _choice(m.init, "model.init", MODEL_INITS)
     _choice(m.dtype, "model.dtype", DTYPES)
     _need(m.init == "random" or m.pretrained is not None, f"model '{m.name}': model.pretrained is not set")
+    _check_head(cfg)
+
+
+def _rate(value, key: str) -> None:
+    _need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+          f"{key} must be in [0, 1), got {value!r}")
+
+
+def _check_head(cfg: DictConfig) -> None:
+    """model.head, model.head_dropout and model.dropout (sift_cli/models.py)."""
+    m = cfg.model
+    head = m.get("head", "default")
+    _choice(head, "model.head", MODEL_HEADS)
+    _rate(m.get("head_dropout", 0.0), "model.head_dropout")
+    if m.get("dropout") is not None:
+        _rate(m.dropout, "model.dropout")
+    if head != "default":
+        prompt = " with a prompt" if cfg.task.get("prompt") else ""
+        _need(cfg.task.kind == "classification" and not prompt,
+              f"model.head={head} replaces a classifier's head: it needs a classification task without "
+              f"task.prompt (task '{cfg.task.name}' is {cfg.task.kind}{prompt})")

@@ -68,8 +68,14 @@ def check_metric_names(names, regression: bool) -> None:
                             f"task; choose from: {', '.join(known)}")
 
 
+def predicted_class_share(preds: np.ndarray) -> float:
+    """The share of the most predicted class: 1 for a model that predicts one class for everything."""
+    return float(np.bincount(preds).max() / len(preds)) if len(preds) else float("nan")
+
+
 def glue_metrics(logits: np.ndarray, labels: np.ndarray, names, suffix: str = "") -> dict[str, float]:
-    """Metrics of one evaluation split; `suffix` tells MNLI's mismatched set apart (accuracy_mm)."""
+    """Metrics of one evaluation split; `suffix` tells MNLI's mismatched set apart (accuracy_mm). Classifiers
+    also get their calibration error (`ece`) and the share of their most predicted class."""
     if logits.ndim == 2 and logits.shape[1] == 1:  # regression head
         preds = logits[:, 0]
         return {f"{name}{suffix}": REGRESSION_METRICS[name](preds, labels) for name in names}
@@ -77,4 +83,5 @@ def glue_metrics(logits: np.ndarray, labels: np.ndarray, names, suffix: str = ""
     labels = labels.astype(int)
     out = {f"{name}{suffix}": CLASSIFICATION_METRICS[name](preds, labels) for name in names}
     out[f"ece{suffix}"] = expected_calibration_error(softmax(logits.astype(np.float64)), labels)
+    out[f"predicted_class_share{suffix}"] = predicted_class_share(preds)
     return out

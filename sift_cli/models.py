@@ -1,4 +1,12 @@
-"""Load a model and its tokenizer from a hub id, a local directory or a folder inside a Python package."""
+"""Load a model and its tokenizer from a hub id, a local directory or a folder inside a Python package.
+
+Two model settings reach every method, because they change the model before any method sees it:
+`model.head` picks the classification head (`default`: the architecture's own, e.g. BERT's pre-trained
+pooler then a new linear layer; `cls_linear`: one new linear layer on the final hidden state of the first
+token, after a dropout of `model.head_dropout`, with no pooler, as the PAC-tuning and grafting code build
+it), and `model.dropout` sets every dropout probability of the model, the head's included (null: as
+configured).
+"""
 
 from __future__ import annotations
 
@@ -83,6 +91,71 @@ def _stored_config(location: str, revision: str | None, trust_remote_code: bool,
                                       **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
+# ---- the classification head and dropout ------------------------------------------------------------------
+class FirstToken(torch.nn.Module):
+    """In place of a BERT-style pooler: the final hidden state of the first token, unchanged (no parameters)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[:, 0]
+
+
+class ClsLinearHead(torch.nn.Module):
+    """In place of a RoBERTa-style head: dropout, then one linear layer on the first token's final state."""
+
+    def __init__(self, out: torch.nn.Linear, dropout: float):
+        super().__init__()
+        self.dropout = torch.nn.Dropout(dropout)
+        self.out = out
+
+    def forward(self, features: torch.Tensor, **_) -> torch.Tensor:
+        return self.out(self.dropout(features[:, 0]))
+
+
+def use_cls_linear_head(model: torch.nn.Module, num_labels: int, dropout: float, seed: int) -> set[str]:
+    """`model.head=cls_linear`: replace the model's head by one linear layer on the first token's final hidden
+    state, initialised as torch.nn.Linear is (the published code creates it so) from `seed`; the pooler goes.
+    Returns the new layer's parameter names."""
+    base = model.base_model
+    head = getattr(model, "classifier", None)
+    config = model.config
+    reference = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only, restored afterwards
+        torch.random.default_generator.manual_seed(seed)
+        layer = torch.nn.Linear(config.hidden_size, num_labels)
+    layer.to(device=reference.device, dtype=reference.dtype)
+    if isinstance(head, torch.nn.Linear) and hasattr(base, "pooler") and hasattr(model, "dropout"):  # BERT
+        base.pooler = FirstToken()
+        model.dropout = torch.nn.Dropout(dropout)
+        model.classifier = layer
+        return {"classifier.weight", "classifier.bias"}
+    if isinstance(head, torch.nn.Module) and hasattr(head, "out_proj"):  # RoBERTa
+        model.classifier = ClsLinearHead(layer, dropout)
+        return {"classifier.out.weight", "classifier.out.bias"}
+    raise SiftError(f"model.head=cls_linear supports BERT- and RoBERTa-style sequence classifiers; "
+                    f"{type(model).__name__} is neither")
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> int:
+    """Set every dropout probability to `p` (dropout modules, and float rates read at run time); returns how
+    many were changed."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p != p:
+            module.p = p
+            count += 1
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, attr, None), float) and getattr(module, attr) != p:
+                setattr(module, attr, p)
+                count += 1
+    return count
+
+
+def head_dropout(mcfg: DictConfig) -> float:
+    """The dropout before a `cls_linear` head: model.dropout when set, else model.head_dropout."""
+    value = mcfg.get("dropout")
+    return float(mcfg.get("head_dropout", 0.0) if value is None else value)
+
+
 def skeleton(mcfg: DictConfig) -> torch.nn.Module | None:
     """The model's modules without weights (on the meta device), built from its config alone, for the checks
     that run before anything loads; None when the config cannot be read without a download."""
@@ -98,9 +171,12 @@ def skeleton(mcfg: DictConfig) -> torch.nn.Module | None:
             for key, value in overrides.items():
                 setattr(config, key, value)
         with torch.device("meta"):
-            return auto_class.from_config(config)
+            model = auto_class.from_config(config)
     except (OSError, ValueError, SiftError):
         return None
+    if auto_class is AutoModelForSequenceClassification and mcfg.get("head", "default") == "cls_linear":
+        use_cls_linear_head(model, config.num_labels, head_dropout(mcfg), 0)
+    return model
 
 
 def load_classifier(mcfg: DictConfig, num_labels: int, tokenizer, seed: int) -> LoadedModel:
@@ -108,7 +184,13 @@ def load_classifier(mcfg: DictConfig, num_labels: int, tokenizer, seed: int) -> 
     label_args = {"num_labels": num_labels}
     if num_labels == 1:
         label_args["problem_type"] = "regression"
-    return load_auto_model(AutoModelForSequenceClassification, mcfg, tokenizer, seed, **label_args)
+    loaded = load_auto_model(AutoModelForSequenceClassification, mcfg, tokenizer, seed, **label_args)
+    if mcfg.get("head", "default") == "cls_linear":
+        head = use_cls_linear_head(loaded.model, num_labels, head_dropout(mcfg), seed)
+        names = {name for name, _ in loaded.model.named_parameters()}
+        loaded.new_params = (loaded.new_params & names) | head
+        loaded.total_params = sum(p.numel() for p in loaded.model.parameters())
+    return loaded
 
 
 def load_auto_model(auto_class, mcfg: DictConfig, tokenizer, seed: int, **config_args) -> LoadedModel:
@@ -149,6 +231,8 @@ def load_auto_model(auto_class, mcfg: DictConfig, tokenizer, seed: int, **config
             model.config.pad_token_id = tokenizer.pad_token_id
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if mcfg.get("dropout") is not None:
+        set_dropout(model, float(mcfg.dropout))
     total = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, tokenizer=tokenizer, new_params=new_params, total_params=total)
 

@@ -100,6 +100,7 @@ class Job:
         loaded = self.task.load_model(cfg.model, int(cfg.seed))
         self.total_params = loaded.total_params
         ctx = ModelContext(new_params=loaded.new_params, task_kind=cfg.task.kind)
+        self.new_params = frozenset(loaded.new_params)
         self.model = self.method.prepare(loaded.model, ctx)
 
     def make_trainer(self, recorder):
@@ -107,7 +108,7 @@ class Job:
         from sift_cli.trainer import Trainer
 
         self.trainer = Trainer(self.cfg, self.model, self.method, self.task, self.data, self.accelerator, recorder,
-                               run_dir=self.run_dir, fingerprint=self.fingerprint)
+                               run_dir=self.run_dir, fingerprint=self.fingerprint, new_params=self.new_params)
         self.method.select(self.trainer.context)
         self.trainer.wrap_model()
         self.trainable_params = self.method.count_trainable(self.trainer.unwrapped_model)

@@ -1,8 +1,9 @@
 """The one training loop, on `accelerate`: the same code on a CPU, a GPU with bf16, or several processes.
 
-AdamW (or the method's optimizer), linear warm-up and decay, gradient accumulation, clipping, periodic
-evaluation on the selection split, and the best trainable state kept for the final evaluation. Methods see
-the loop only through `sift_cli.context` (a `RunContext` in their hooks, a `Loop` in `fit`).
+AdamW or SGD (`trainer.optimizer`, through the method), linear warm-up and decay, gradient accumulation,
+clipping, periodic evaluation on the selection split, and the best trainable state kept for the final
+evaluation. Methods see the loop only through `sift_cli.context` (a `RunContext` in their hooks, a `Loop` in
+`fit`).
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class Trainer:
     lets the method choose its trainable set from data (`Method.select`) and then calls `wrap_model`."""
 
     def __init__(self, cfg, model, method, task, data: TaskData, accelerator: Accelerator, recorder,
-                 run_dir: Path | None = None, fingerprint: str = ""):
+                 run_dir: Path | None = None, fingerprint: str = "", new_params=frozenset()):
         self.cfg = cfg
+        self.new_params = frozenset(new_params)  # what the checkpoint lacked (the head), as the loader said
         self.tcfg = cfg.trainer
         self.method = method
         self.task = task
@@ -127,6 +129,8 @@ class Trainer:
         self._wrapped = True
         if self.cfg.analysis.grad_sparsity:
             self._probe_gradient_sparsity()
+        if self.cfg.analysis.get("dynamics"):
+            self._probe_dynamics()
 
     def _probe_gradient_sparsity(self) -> None:
         """`analysis.grad_sparsity=true`: log the share of the gradient held by its largest components."""
@@ -135,6 +139,14 @@ class Trainer:
         probe = GradSparsityProbe(self.unwrapped_model)
         self.gradient_callbacks.append(lambda trainer: trainer.recorder.log({"step": trainer.step + 1,
                                                                             **probe.measure()}))
+
+    def _probe_dynamics(self) -> None:
+        """`analysis.dynamics=true`: log the body's movement and Adam's damping at every optimizer step."""
+        from sift_cli.analysis.dynamics import DynamicsProbe
+
+        probe = DynamicsProbe(self.unwrapped_model, self.new_params)
+        self.gradient_callbacks.append(lambda trainer: trainer.recorder.log({"step": trainer.step + 1,
+                                                                            **probe.measure(trainer.optimizer)}))
 
     # ---- data --------------------------------------------------------------------------------------
     def _batches(self):

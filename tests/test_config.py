@@ -81,6 +81,7 @@ def test_task_files_state_their_protocol():
         ("trainer.warmup_ratio=1.5", "trainer.warmup_ratio"),
         ("trainer.select_on=best", "trainer.select_on"),
         ("seed=-3", "seed"),
+        ("trainer.optimizer=adam", "trainer.optimizer must be one of adamw, sgd"),
     ],
 )
 def test_out_of_range_values_are_refused(override, message):

@@ -171,3 +171,51 @@ def test_a_cpu_table_runs_as_a_sweep_with_its_protocol(tmp_path):
     assert by_method["full_ft"]["config"]["trainer"]["lr"] == 5e-5
     assert all(r["config"]["data"]["k_shot"] is None and r["seed"] == 42 for r in results)
     assert all(r["config"]["data"]["max_eval_samples"] == 256 for r in results)
+
+
+@pytest.mark.parametrize("name", ["pac_glue_table", "pac_glue_table_cpu", "graft_lmbff_table",
+                                  "graft_lmbff_table_cpu"])
+def test_every_job_passes_the_checks_of_its_method(name):
+    """What sift-run checks before any work, for every job of the sweep: a method's settings that another job's
+    method does not have would be refused."""
+    from sift_cli.run import check_config
+
+    params = sweep_params(name)
+    first = {key: values[0] for key, values in params.items()}
+    for key in ("task", "pac_arm"):
+        for value in params.get(key, []):
+            check_config(compose_config([f"experiment={name}",
+                                         *(f"{k}={v}" for k, v in {**first, key: value}.items())]))
+
+
+def test_pac_runs_five_matched_jobs_per_task_and_draw():
+    arms = {arm: compose_job("pac_glue_table_cpu", [f"pac_arm={arm}"])
+            for arm in sweep_params("pac_glue_table_cpu")["pac_arm"]}
+    lrs = {arm: (cfg.method.name, cfg.trainer.lr, cfg.method.get("new_lr"), cfg.method.get("arm"))
+           for arm, cfg in arms.items()}
+    assert lrs == {"pac_intended": ("pac", 5e-5, 1e-2, "intended"),
+                   "pac_as_published": ("pac", 1e-2, 1e-2, "as_published"),
+                   "full_ft_intended": ("full_ft", 5e-5, 1e-2, None),
+                   "full_ft_as_published": ("full_ft", 1e-2, 1e-2, None),
+                   "linear_probe": ("linear_probe", 1e-2, None, None)}
+    for arm, cfg in arms.items():
+        assert cfg.pac_arm == arm
+        assert (cfg.model.head, cfg.model.dropout, cfg.model.name) == ("cls_linear", 0.0, "minilm-l6")
+        assert (cfg.trainer.epochs, cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.data.max_train_samples) == (
+            250, None, 100, 100)
+        assert (cfg.trainer.schedule, cfg.trainer.weight_decay, cfg.trainer.max_grad_norm) == ("constant", 0.01, None)
+        assert cfg.analysis.dynamics
+    assert arms["pac_intended"].method.stage1_epochs == 200 and arms["full_ft_intended"].method.freeze_embeddings
+    params = sweep_params("pac_glue_table_cpu")
+    assert len(params["task"]) >= 2 and params["data.seed"] == ["1", "2", "3"]
+
+
+def test_graft_cpu_fine_tunes_by_sgd_with_a_fixed_head_and_sweeps_the_sparsity():
+    cfg = compose_job("graft_lmbff_table_cpu", [])
+    t = cfg.trainer
+    assert (t.optimizer, t.lr, t.schedule, t.batch_size, t.max_steps, t.eval_every, t.weight_decay) == (
+        "sgd", 1e-3, "constant", 2, 1000, 100, 1e-4)
+    assert (cfg.model.head, cfg.method.head, cfg.task.prompt) == ("cls_linear", "probe", None)
+    assert (cfg.method.sparsity, cfg.method.mask_steps, cfg.method.mask_lr) == (1e-7, 100, 1e7)
+    assert list(cfg.method.sparsity_sweep) == [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+    assert sweep_params("graft_lmbff_table_cpu")["data.seed"] == ["13", "21", "42", "87", "100"]

@@ -33,7 +33,13 @@ def test_regression_metrics_by_hand():
 
 def test_metric_keys_take_the_split_suffix():
     m = glue_metrics(np.array([[1.0, 0.0, 0.0]]), np.array([0]), ["accuracy"], suffix="_mm")
-    assert set(m) == {"accuracy_mm", "ece_mm"}
+    assert set(m) == {"accuracy_mm", "ece_mm", "predicted_class_share_mm"}
+
+
+def test_the_predicted_class_share_is_the_most_predicted_class_s_share():
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 5.0, 0.0], [0.0, 0.0, 1.0]])
+    assert glue_metrics(logits, np.array([0, 1, 2, 2]), ["accuracy"])["predicted_class_share"] == 0.5
+    assert glue_metrics(logits[1:3], np.array([0, 1]), ["accuracy"])["predicted_class_share"] == 1.0
 
 
 def test_ece_by_hand():

@@ -92,3 +92,24 @@ def test_the_report_shows_each_experiment_with_the_tools_output(tmp_path):
     assert "--metric method_info.models.fine_tuned.accuracy`" in graft_section
     assert "| graft    | **50.0**" in graft_section and "| graft    | **64.0**" in graft_section
     assert "## pac_glue_table_cpu" in text and "Not run yet." in text.split("## pac_glue_table_cpu")[1]
+
+
+def test_the_report_shows_pac_tuning_s_five_jobs_as_rows(tmp_path):
+    runs = tmp_path / "reproduce"
+    folder = runs / "pac_glue_table_cpu"
+    for arm, method, score in (("pac_intended", "pac", 0.6), ("full_ft_intended", "full_ft", 0.7)):
+        run = write_run(folder / "multirun" / arm, method, "sst2", 42, {"accuracy": score,
+                                                                       "predicted_class_share": 0.9}, data_seed=1)
+        record = json.loads((run / "results.json").read_text())
+        record["config"]["pac_arm"] = arm
+        (run / "results.json").write_text(json.dumps(record))
+    (folder / "command.txt").write_text("sift-run -m experiment=pac_glue_table_cpu\n")
+    output = tmp_path / "results.md"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_report.py"), "--runs", str(runs),
+                          "--output", str(output)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    section = output.read_text().split("## pac_glue_table_cpu")[1].split("\n## ")[0]
+    assert "--group-by config.pac_arm" in section and "--metric predicted_class_share" in section
+    assert "| pac_intended " in section and "| full_ft_intended " in section
+    assert "--filter config.pac_arm=pac_intended --paper pac" in section
+    assert "Remaining differences from the official code: conf/experiment/pac_glue_table_cpu.yaml." in section

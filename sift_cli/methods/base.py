@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 import torch
 from omegaconf import MISSING, DictConfig
 
+from sift_cli.config import OPTIMIZERS
 from sift_cli.errors import SiftError
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class Method:
         return [g for g in groups if g["params"]]
 
     def create_optimizer(self, model: torch.nn.Module, tcfg: DictConfig) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
+        return make_optimizer(self.param_groups(model, tcfg.weight_decay), tcfg)
 
     def own_optimizers(self) -> list[torch.optim.Optimizer]:
         """Optimizers the method builds and steps itself besides the trainer's (PAC's noise scales), so that
@@ -202,6 +203,28 @@ def _forward(hook: str):
 
 for _hook in HOOKS:
     setattr(Wrapper, _hook, _forward(_hook))
+
+
+def make_optimizer(groups: list[dict], tcfg: DictConfig, **defaults) -> torch.optim.Optimizer:
+    """`trainer.optimizer` over `groups`, at `trainer.lr` where a group sets no lr of its own: AdamW, or plain
+    SGD (no momentum; weight decay added to the gradient), which the grafting code fine-tunes with."""
+    kind = tcfg.get("optimizer", "adamw")
+    if kind not in OPTIMIZERS:
+        raise SiftError(f"trainer.optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+    optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
+    return optimizer(groups, lr=float(tcfg.lr), **defaults)
+
+
+def freeze_embeddings(model: torch.nn.Module) -> int:
+    """Freeze the embedding tables and every parameter named like an embedding (their LayerNorm too), as the
+    PAC-tuning and grafting code do; returns the entries frozen."""
+    tables = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    count = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and (id(param) in tables or "embed" in name.lower()):
+            param.requires_grad_(False)
+            count += param.numel()
+    return count
 
 
 def freeze_all_but(model: torch.nn.Module, keep) -> None:

@@ -9,10 +9,16 @@ training loop, model selection included) or, with `method.source=RUN_DIR`, a fin
 The mask search then follows the published code:
 
 - region: every tensor of the encoder layers (weights, biases, LayerNorms; `layer_pattern`), as the paper's
-  runs with fixed embeddings and head; `include_embeddings` / `include_head` add those. Outside the region
-  the grafted model has theta_pre, except the head, which keeps theta_ft (a new classification head has no
-  pre-trained value). "Head" is whatever is neither a layer nor the embeddings (pooler, classifier, MLM head),
-  as in the code's `select_trainable_parameters`.
+  runs with fixed embeddings and head; `include_embeddings` / `include_head` add those groups' pre-trained
+  tensors (a pooler, an MLM head), which are then counted in the region. Outside the region the grafted
+  model has theta_pre, except the parameters the checkpoint lacks (a new classification head: the model
+  loader's `new_params`), which keep theta_ft: they have no pre-trained value, and the code loads the same
+  head into its pre-trained, fine-tuned and grafted models.
+- the head: `head: trained` lets the base fine-tuning train the new head; `random` keeps it at its random
+  initialisation, fixed (the code's "finetune" type with a linear head on [CLS] and fix_head); `probe` fits
+  it on theta_pre as a linear probe (logistic regression, or least squares for a regression task, on the
+  head's inputs over the training set), then keeps it fixed, so the pre-trained model is a linear probe and
+  fine-tuning changes only the body, as with the code's fixed pre-trained MLM head.
 - gamma = gamma_base + (1 - 2 gamma_base) * sigmoid(S - sigmoid_bias): gamma_base marks the top
   floor(sparsity * N) entries of |theta_ft - theta_pre| over the N region entries; S starts uniform in
   [0, 1) and the bias is 10, so sigmoid is ~1e-4 and the rounded mask starts as gamma_base.
@@ -25,14 +31,20 @@ The mask search then follows the published code:
   validation); the mask of the best sum is kept, a later one only when strictly better.
 
 Differences from the code: gamma_base is exactly the top k entries (the code's strict threshold drops the
-k-th); the base patch is scored too, as step 0, so `mask_steps: 0` is the "highest movement" graft and the
-search never ends below it; base fine-tuning follows this project's protocol (AdamW, linear schedule)
-rather than the code's SGD.
+k-th, so at k = 1 its base patch is empty); the base patch is scored too, as step 0, so `mask_steps: 0` is
+the "highest movement" graft and the search never ends below it. The base fine-tuning is this project's loop
+(`trainer.optimizer=sgd` and `trainer.schedule=constant` give the code's SGD at a constant rate).
 
-After the search, the pre-trained model (with the fine-tuned head when the head is outside the region),
-the fine-tuned model, the grafted model and a graft of a random mask of the same size are evaluated side by
-side on every test set (task.extra_eval included): metrics with ECE, the share of the fine-tuned gain each
-keeps, reliability diagrams, mask sizes per layer. All go to results.json `method_info`; the mask
+`sparsity_sweep` also grafts the top-movement patch at each listed sparsity, without mask steps, beside a
+random patch of the same size.
+
+After the search, the pre-trained model (with the new head), the fine-tuned model, the grafted model and a
+graft of a random mask of the same size are evaluated side by side on every test set (task.extra_eval
+included): metrics with ECE, the share of the fine-tuned gain each keeps, reliability diagrams, mask sizes
+per layer. The share of the gain, (graft - pre-trained) / (fine-tuned - pre-trained), is given only when
+fine-tuning gained more than two standard errors on the first test set's main metric: the standard error of
+the difference, from 1000 paired bootstrap resamples of its examples (`gain_standard_error`); otherwise
+the share would be noise over noise, and it is null. All go to results.json `method_info`; the mask
 (graft_mask.safetensors, read by `sift-graft overlap`) and the diagrams go to the run directory. The run's
 own metrics are the grafted model's.
 """
@@ -47,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
+import numpy as np
 import torch
 from omegaconf import MISSING, OmegaConf
 
@@ -59,9 +72,10 @@ from sift_cli.tasks.base import EvalSet
 
 log = logging.getLogger("sift_cli")
 MODELS = ("pretrained", "fine_tuned", "grafted", "random_graft")
+HEADS = ("trained", "random", "probe")
 # The model keys a source run must share with this run (and the task, its prompt and, for a random
 # initialisation, the seed).
-MODEL_IDENTITY = ("name", "pretrained", "tokenizer", "revision", "config", "init", "dtype")
+MODEL_IDENTITY = ("name", "pretrained", "tokenizer", "revision", "config", "init", "dtype", "head")
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -132,13 +146,29 @@ class Region:
         return {n: self.pre[n] + gamma[n].to(self.pre[n].dtype) * self.delta[n] for n in self.names}
 
 
-def gain_kept(score: float, pretrained: float, fine_tuned: float, maximize: bool = True) -> float | None:
-    """The share of fine-tuning's gain over the pre-trained model that `score` keeps; None when fine-tuning
-    gained nothing, where a share would only flip signs."""
+def gain_kept(score: float, pretrained: float, fine_tuned: float, maximize: bool = True,
+              standard_error: float = 0.0) -> float | None:
+    """The share of fine-tuning's gain over the pre-trained model that `score` keeps; None unless fine-tuning
+    gained more than two standard errors of that gain (with none given, more than nothing), where a share
+    would only divide noise by noise."""
     gained = fine_tuned - pretrained if maximize else pretrained - fine_tuned
-    if gained <= 0:
+    if not gained > 2 * standard_error:
         return None
     return (score - pretrained) / (fine_tuned - pretrained)
+
+
+def gain_standard_error(score, fine_tuned: torch.Tensor, pretrained: torch.Tensor, labels: torch.Tensor,
+                        resamples: int = 1000, seed: int = 0) -> float:
+    """The standard error of score(fine-tuned) - score(pre-trained) on one test set: the spread of that
+    difference over `resamples` paired bootstrap resamples of the examples (both models scored on the same
+    draw). `score(logits, labels)` is the main metric."""
+    generator = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    differences = []
+    for _ in range(resamples):
+        rows = torch.randint(n, (n,), generator=generator)
+        differences.append(score(fine_tuned[rows], labels[rows]) - score(pretrained[rows], labels[rows]))
+    return float(np.nanstd(differences, ddof=1))
 
 
 def mask_size(mask: dict[str, torch.Tensor]) -> int:
@@ -157,6 +187,8 @@ class GraftSettings(WrapperSettings):
     mask_lr: float = MISSING
     mask_steps: int = MISSING
     mask_batches: Optional[int] = MISSING
+    head: str = MISSING  # trained | random | probe: the new head during the base fine-tuning
+    sparsity_sweep: List[float] = MISSING  # more sparsities, grafted from the top movement without mask steps
     expects: Any = MISSING  # filled from the run's config: what a source run must share with this one
 
     def check(self, run) -> None:
@@ -168,6 +200,11 @@ class GraftSettings(WrapperSettings):
         self.need(self.mask_batches is None or is_count(self.mask_batches), "mask_batches",
                   "a positive integer or null")
         self.need(set(self.freeze) <= {"embeddings", "head"}, "freeze", "a list of groups among embeddings and head")
+        self.need(self.head in HEADS, "head", f"one of {', '.join(HEADS)}")
+        self.need(all(0 < s <= 1 for s in self.sparsity_sweep), "sparsity_sweep", "a list of sparsities in (0, 1]")
+        if self.source and self.head != "trained":
+            self.refuse(f"{self.where}.head={self.head} sets the head before fine-tuning; with {self.where}.source "
+                        "the head is the source run's (use head=trained)")
         try:
             re.compile(self.layer_pattern)
         except re.error:
@@ -184,6 +221,8 @@ class Graft(Wrapper):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.info: dict = {}
+        self.new_params: set[str] = set()
+        self.probe_layer: torch.nn.Linear | None = None
 
     def check_model(self, model):
         self.base.check_model(model)
@@ -192,30 +231,52 @@ class Graft(Wrapper):
     # ---- the base fine-tuning: the base method decides -----------------------------------------------
     def prepare(self, model, ctx):
         self.pretrained = snapshot(model)
+        self.new_params = set(ctx.new_params)
         self._choose_region({name: value.numel() for name, value in self.pretrained.items()})
         model = self.base.prepare(model, ctx)
         self._check_in_place(model)
         frozen = set(self.cfg.freeze or [])
         for name, param in model.named_parameters():
-            if self.groups[name] in frozen and name not in ctx.new_params:
+            new = name in self.new_params
+            if (new and self.cfg.head != "trained") or (not new and self.groups[name] in frozen):
                 param.requires_grad_(False)
+        if self.cfg.head == "probe":
+            self.probe_layer = self._new_linear_layer(model)
         if self.cfg.source:
             self._load_source(model)
         return model
 
+    def select(self, run):
+        self.base.select(run)
+        if self.probe_layer is not None:
+            self.info["probe"] = fit_linear_probe(run, self.probe_layer)
+
+    def _new_linear_layer(self, model) -> torch.nn.Linear:
+        """The one linear layer that holds every new parameter (the head a probe fits)."""
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and {f"{name}.weight", f"{name}.bias"} == self.new_params:
+                return module
+        raise SiftError(f"method.head=probe fits a head of one linear layer; this model's new parameters are "
+                        f"{', '.join(sorted(self.new_params)) or 'none'} (model.head=cls_linear has one)")
+
     def _choose_region(self, sizes: dict[str, int]) -> None:
-        """The masked tensors (layers, and embeddings or head when included) and the base patch size k, from
-        the entries of each parameter."""
+        """The masked tensors (layers, and the pre-trained embeddings or head when included; never a new
+        parameter) and the base patch sizes, from the entries of each parameter."""
         self.groups = {name: group_of(name, self.cfg.layer_pattern) for name in sizes}
         included = {"embeddings": bool(self.cfg.include_embeddings), "head": bool(self.cfg.include_head)}
-        self.region_names = [n for n, group in self.groups.items() if included.get(group, True)]
+        self.region_names = [n for n, group in self.groups.items()
+                             if included.get(group, True) and n not in self.new_params]
         size = sum(sizes[n] for n in self.region_names)
         if not self.region_names:
             raise SiftError(f"method.layer_pattern={self.cfg.layer_pattern} matches no tensor of this model and "
                             "the embeddings and head are left out: the region is empty")
         self.k = math.floor(float(self.cfg.sparsity) * size)
-        if self.k < 1:
-            raise SiftError(f"method.sparsity={self.cfg.sparsity} selects no entry of the {size} region entries")
+        self.sweep = {float(s): math.floor(float(s) * size) for s in self.cfg.sparsity_sweep}
+        for key, count in (("sparsity", self.k), *(("sparsity_sweep", k) for k in self.sweep.values())):
+            if count < 1:
+                value = self.cfg[key]
+                raise SiftError(f"method.{key}={value if key == 'sparsity' else list(value)} selects no entry of "
+                                f"the {size} region entries")
 
     def _check_in_place(self, model) -> None:
         if {name for name, _ in model.named_parameters()} != set(self.pretrained):
@@ -237,8 +298,9 @@ class Graft(Wrapper):
             raise SiftError(f"method.source={run}: that run did not complete (status {results.get('status')})")
         theirs = results.get("config") or {}
         ours = OmegaConf.to_container(self.cfg.expects, resolve=True)
-        pairs = [(f"model.{key}", (theirs.get("model") or {}).get(key), ours["model"].get(key))
-                 for key in MODEL_IDENTITY]
+        defaults = {"head": "default"}  # a run from before the key existed
+        pairs = [(f"model.{key}", (theirs.get("model") or {}).get(key, defaults.get(key)),
+                  ours["model"].get(key, defaults.get(key))) for key in MODEL_IDENTITY]
         pairs += [("task", (theirs.get("task") or {}).get("name"), ours["task"]),
                   ("task.prompt", (theirs.get("task") or {}).get("prompt"), ours["prompt"])]
         if ours["model"].get("init") == "random":  # a random initialisation depends on the seed
@@ -307,9 +369,10 @@ class MaskSearch:
         self.groups, self.k = method.groups, method.k
         device = next(self.model.parameters()).device
         self.region = Region(method.region_names, method.pretrained, fine_tuned, device)
-        # Outside the region: theta_pre, but the head keeps theta_ft (it may have no pre-trained value).
-        self.outside = {n: (fine_tuned[n] if group == "head" else method.pretrained[n])
-                        for n, group in self.groups.items() if n not in self.region.pre}
+        # Outside the region: theta_pre, but the new parameters (the head) keep theta_ft: they have no
+        # pre-trained value.
+        self.outside = {n: (fine_tuned[n] if n in method.new_params else method.pretrained[n])
+                        for n in self.groups if n not in self.region.pre}
         data = loop.data
         rows = len(data.train) if cfg.mask_batches is None else min(
             len(data.train), int(cfg.mask_batches) * int(loop.tcfg.batch_size))
@@ -328,29 +391,40 @@ class MaskSearch:
         write_values(self.model, self.outside)
         self.base_mask = region.top_movement(self.k)
         base = {n: m.float() for n, m in self.base_mask.items()}
-        sign = {n: 1 - 2 * b for n, b in base.items()}
         generator = torch.Generator().manual_seed(int(self.loop.cfg.seed))
         scores = {n: torch.rand(region.pre[n].shape, generator=generator).to(region.pre[n].device)
                   for n in region.names}
-        bias, lr = float(cfg.sigmoid_bias), float(cfg.mask_lr)
-        sigmoid = {n: torch.sigmoid(scores[n] - bias) for n in region.names}
         best_mask, best_score = self.base_mask, self._score(0, self.base_mask)
         self.best_step = 0
         for step in range(1, int(cfg.mask_steps) + 1):
             self._stop_if_asked(step)
-            gamma = {n: base[n] + sign[n] * sigmoid[n] for n in region.names}
-            grads = self._gradients(region.interpolated(gamma))
+            gradient = self.score_gradient(scores, base)
             with torch.no_grad():
-                for n in region.names:  # chain rule: d gamma / d S = (1 - 2 gamma_base) sigmoid'(S - bias)
-                    slope = sigmoid[n] * (1 - sigmoid[n])
-                    scores[n].sub_(grads[n].mul_(region.delta[n]).mul_(sign[n]).mul_(slope), alpha=lr)
-                    sigmoid[n] = torch.sigmoid(scores[n] - bias)
-            rounded = {n: base[n] + sign[n] * sigmoid[n] > 0.5 for n in region.names}
+                for n in region.names:
+                    scores[n].sub_(gradient.pop(n), alpha=float(cfg.mask_lr))
+            rounded = {n: self.gamma(scores[n], base[n]) > 0.5 for n in region.names}
             score = self._score(step, rounded)
             if score > best_score:
                 best_mask, best_score, self.best_step = rounded, score, step
         self.best_score = best_score
+        log.info("mask search: %d entries kept (base patch %d), from step %d", mask_size(best_mask), self.k,
+                 self.best_step)
         return best_mask
+
+    def gamma(self, scores: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """gamma = gamma_base + (1 - 2 gamma_base) sigmoid(S - sigmoid_bias), entry by entry."""
+        return base + (1 - 2 * base) * torch.sigmoid(scores - float(self.cfg.sigmoid_bias))
+
+    def score_gradient(self, scores: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """d L(theta_pre + gamma(S) * delta) / d S at the current scores: the loss gradient at the continuous
+        graft times delta (d theta / d gamma) times (1 - 2 gamma_base) sigmoid'(S - bias) (d gamma / d S)."""
+        region, bias = self.region, float(self.cfg.sigmoid_bias)
+        grads = self._gradients(region.interpolated({n: self.gamma(scores[n], base[n]) for n in region.names}))
+        out = {}
+        for n in region.names:
+            sigmoid = torch.sigmoid(scores[n] - bias)
+            out[n] = grads.pop(n).mul_(region.delta[n]).mul_(1 - 2 * base[n]).mul_(sigmoid * (1 - sigmoid))
+        return out
 
     def _gradients(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """d loss / d theta at the region tensors, averaged over the search's training batches (and processes)."""
@@ -417,31 +491,48 @@ class MaskSearch:
 
     # ---- the comparison ---------------------------------------------------------------------------------
     def compare(self, mask: dict[str, torch.Tensor]) -> dict:
-        """Evaluate the four models side by side; leave the grafted one in the model."""
+        """Evaluate the four models side by side (and the sparsity sweep's grafts); leave the grafted one in
+        the model."""
         from sift_cli.analysis.graft import scope_order
 
-        region, loop = self.region, self.loop
+        region, loop, task = self.region, self.loop, self.loop.task
         count = mask_size(mask)
         generator = torch.Generator().manual_seed(int(loop.cfg.seed) + 1)
-        random_mask = region.random_mask(count, generator)
         write_values(self.model, self.fine_tuned)
         models, predictions = {}, {}
         models["fine_tuned"], predictions["fine_tuned"] = self._evaluate_tests()
         write_values(self.model, self.outside)
-        for name, values in (("pretrained", region.pre), ("random_graft", region.grafted(random_mask)),
-                             ("grafted", region.grafted(mask))):
+        for name, values in (("pretrained", region.pre),
+                             ("random_graft", region.grafted(region.random_mask(count, generator)))):
             write_values(self.model, values)
             models[name], predictions[name] = self._evaluate_tests()
-        metric = loop.task.main_metric
+        metric = task.main_metric
         pre, ft = models["pretrained"].get(metric), models["fine_tuned"].get(metric)
-        gain = {name: gain_kept(models[name][metric], pre, ft, loop.task.maximize)
-                for name in ("grafted", "random_graft")}
+        _, ft_logits, labels = predictions["fine_tuned"][0]
+        standard_error = gain_standard_error(lambda logits, y: task.score(logits, y)[metric], ft_logits,
+                                             predictions["pretrained"][0][1], labels, seed=int(loop.cfg.seed))
+
+        def kept(metrics):
+            return gain_kept(metrics[metric], pre, ft, task.maximize, standard_error)
+
+        sweep = []
+        for sparsity, k in self.method.sweep.items():
+            row = {"sparsity": sparsity, "entries": k}
+            for name, chosen in (("grafted", region.top_movement(k)),
+                                 ("random_graft", region.random_mask(k, generator))):
+                write_values(self.model, region.grafted(chosen))
+                row[name] = self._evaluate_tests()[0]
+            row["gain_kept"] = {name: kept(row[name]) for name in ("grafted", "random_graft")}
+            sweep.append(row)
+        write_values(self.model, region.grafted(mask))
+        models["grafted"], predictions["grafted"] = self._evaluate_tests()
         files = self._write_files(mask, predictions)
         per_layer: dict[str, int] = {}
         for name, m in mask.items():
             per_layer[self.groups[name]] = per_layer.get(self.groups[name], 0) + int(m.sum())
         total = sum(p.numel() for p in self.model.parameters())
         ece_ft, ece_graft = models["fine_tuned"].get("ece"), models["grafted"].get("ece")
+        gained = (ft - pre) if task.maximize else (pre - ft)
         return {
             "base": None if self.cfg.source else self.method.base.name,
             "region_entries": region.size,
@@ -455,7 +546,11 @@ class MaskSearch:
             "best_selection_score": self.best_score,
             "search_curve": self.curve,
             "models": {name: models[name] for name in MODELS},
-            "gain_kept": gain,
+            "gain": {"fine_tuned_minus_pretrained": gained, "standard_error": standard_error,
+                     "significant": bool(gained > 2 * standard_error),
+                     "standard_error_from": "1000 paired bootstrap resamples of the first test set"},
+            "gain_kept": {name: kept(models[name]) for name in ("grafted", "random_graft")},
+            "sparsity_sweep": sweep,
             "ece_reduction": (ece_ft - ece_graft) / ece_ft if ece_ft and ece_graft is not None else None,
             "files": files,
         }
@@ -490,3 +585,42 @@ class MaskSearch:
                 files[f"reliability_{name}"] = save_png(figure, run_dir / f"reliability_{name}.png").name
         return files
 
+
+@torch.no_grad()
+def fit_linear_probe(run, layer: torch.nn.Linear) -> dict:
+    """Fit `layer` on the model as it is (theta_pre) as a linear probe: multinomial logistic regression
+    (scikit-learn's default L2 strength), or ridge regression for one output, on the layer's inputs over the
+    whole training set, in eval mode. Every process fits the same probe on the same rows."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from torch.utils.data import DataLoader
+
+    model = run.unwrapped_model
+    inputs, labels = [], []
+    handle = layer.register_forward_hook(lambda module, args, output: inputs.append(args[0].float().cpu()))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in DataLoader(run.data.train, batch_size=int(run.tcfg.eval_batch_size),
+                                collate_fn=run.data.collator):
+            model(**{key: value.to(run.device) for key, value in batch.items()})
+            labels.append(batch["labels"].cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    x, y = torch.cat(inputs).double().numpy(), torch.cat(labels).numpy()
+    outputs = layer.out_features
+    if outputs == 1:
+        fitted = Ridge(alpha=1.0).fit(x, y)
+        weight, bias = fitted.coef_[None, :], np.atleast_1d(fitted.intercept_)
+    else:
+        fitted = LogisticRegression(max_iter=5000).fit(x, y.astype(int))
+        if list(fitted.classes_) != list(range(outputs)):
+            raise SiftError(f"method.head=probe: the training set has classes {list(fitted.classes_)}, the head "
+                            f"{outputs} outputs")
+        weight, bias = fitted.coef_, fitted.intercept_
+        if outputs == 2:  # one score for class 1, split as logits of two classes with the same softmax
+            weight, bias = np.concatenate([-weight, weight]) / 2, np.concatenate([-bias, bias]) / 2
+    layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype))
+    layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+    return {"examples": len(y), "train_score": float(fitted.score(x, y)),
+            "train_score_is": "r2" if outputs == 1 else "accuracy"}

@@ -34,19 +34,22 @@ incorrectly past the second knot, which we do not copy), and differentiable in b
 Stage 2 freezes p, drops the bound and trains on the noisy training loss alone. A checkpointed run
 resumes in its stage: `state_dict` holds p, b, θ0, K, the stage and the noise optimizer and generator.
 
-Optimisers, as published: θ with AdamW (the base's parameter groups; tensors absent from the checkpoint,
-such as the head, at `new_lr`), scheduled by the trainer; p and b with their own Adam without weight
-decay, stepped by this method after each optimizer step of stage 1: lr `noise_lr` (p) and `prior_lr` (b)
-for pre-trained tensors, `new_noise_lr` · max(boost · decay^⌊t / decay_steps⌋, 1) at noise step t for new
-tensors (`myAdam`). p and b start at POWER · ln(mean |θ0|) over the group's tensors (2 for pre-trained
-tensors, 1 for new ones, `initialization`). Gradient clipping, when set, applies to θ only.
+Optimisers, as published: θ with AdamW (`trainer.optimizer`; the base's parameter groups), scheduled by
+the trainer, at the learning rates of `arm`: `intended` trains the pre-trained tensors at trainer.lr and
+those absent from the checkpoint (the head, adapters) at `new_lr`, as the code's two groups mean to
+(lr4pretrain 5e-5, lr4clf 1e-2); `as_published` trains every tensor at `new_lr`, as the code runs: its
+grouping tests `args.model in name`, which no parameter name of bert-base-uncased contains. p and b have
+their own Adam without weight decay, stepped by this method after each optimizer step of stage 1: lr
+`noise_lr` (p) and `prior_lr` (b) for pre-trained tensors, `new_noise_lr` · max(boost · decay^⌊t /
+decay_steps⌋, 1) at noise step t for new tensors (`myAdam`). p and b start at POWER · ln(mean |θ0|) over
+the group's tensors (2 for pre-trained tensors, 1 for new ones, `initialization`). Gradient clipping, when
+set, applies to θ only.
 
-Deviations: the trainer's linear warm-up/decay applies to θ (the published θ learning rate is constant);
-K is solved exactly (above); the pre-trained/new split of p and b follows the checkpoint (new = not loaded
-from it: the head, adapters) rather than the name prefix; weight decay follows the base's parameter groups
-(no decay on biases and LayerNorm; published: on all of θ); the model keeps its own classification head
-(published: a linear layer on the [CLS] state, without the pooler). The published script's default batch
-is 32 of the 100 examples; experiment=pac_glue uses whole-set batches, the setting specified for this project.
+Deviations: K is solved exactly (above); the pre-trained/new split of p and b follows the checkpoint (new =
+not loaded from it: the head, adapters) rather than the name prefix; weight decay follows the base's
+parameter groups (no decay on biases and LayerNorm; published: on all of θ). The published head (a linear
+layer on the [CLS] state, no pooler) is `model.head=cls_linear`; experiment=pac_glue sets it, a constant
+learning rate and whole-set batches of the 100 examples, as the published script runs.
 """
 
 from __future__ import annotations
@@ -65,10 +68,14 @@ from torch.utils.data import DataLoader
 from sift_cli.context import FitResult
 from sift_cli.errors import SiftError
 from sift_cli.methods import register_method
-from sift_cli.methods.base import HOOKS, Wrapper, WrapperSettings, is_count
+from sift_cli.methods.base import HOOKS, Wrapper, WrapperSettings, freeze_embeddings, is_count, make_optimizer
+from sift_cli.models import set_dropout
 
 # The exponential-moment factor: E exp(γ(μ - ℓ)) ≤ exp(MOMENT γ² K²) gives the bound's MOMENT γ K² term.
 MOMENT = 1.5
+
+# Which learning rates θ trains at: the code's intent (body trainer.lr, head new_lr), or what it ran.
+ARMS = ("intended", "as_published")
 
 # A base may override only these hooks: any other changes how training proceeds or what its trainable state
 # is (a trainable set chosen from data, sparse increments, masks, its own loss or optimizer), and noise on
@@ -142,6 +149,7 @@ def _need(ok: bool, message: str) -> None:
 
 @dataclass
 class PACSettings(WrapperSettings):
+    arm: str = MISSING  # intended | as_published: which θ learning rates (create_optimizer)
     freeze_embeddings: bool = MISSING
     stage1_epochs: int = MISSING
     noise_clip: Optional[float] = MISSING
@@ -165,6 +173,7 @@ class PACSettings(WrapperSettings):
 
     def check(self, run) -> None:
         super().check(run)
+        self.need(self.arm in ARMS, "arm", f"one of {', '.join(ARMS)}")
         self.need(is_count(self.stage1_epochs, 0), "stage1_epochs", "a non-negative integer")
         for key in ("noise_lr", "prior_lr", "new_noise_lr", "new_noise_lr_boost", "gamma_min", "gamma_max"):
             self.need(getattr(self, key) > 0, key, "a positive number")
@@ -191,31 +200,6 @@ class PACSettings(WrapperSettings):
         if t.max_steps is None and self.stage1_epochs > t.epochs:
             self.refuse(f"{self.where}.stage1_epochs={self.stage1_epochs} is longer than training "
                         f"(trainer.epochs={t.epochs}): stage 2 would never run")
-
-
-def _disable_dropout(model: torch.nn.Module) -> int:
-    """Set every dropout probability to 0 (modules, and float rates read at run time); returns how many."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
-            module.p = 0.0
-            count += 1
-        for attr in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, attr, None), float) and getattr(module, attr) > 0:
-                setattr(module, attr, 0.0)
-                count += 1
-    return count
-
-
-def _freeze_embeddings(model: torch.nn.Module) -> int:
-    """Freeze embedding tables and everything named like an embedding (as published); returns the entries."""
-    frozen = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    count = 0
-    for name, param in model.named_parameters():
-        if param.requires_grad and (id(param) in frozen or "embed" in name.lower()):
-            param.requires_grad_(False)
-            count += param.numel()
-    return count
 
 
 def _mean_abs(params: list[torch.Tensor]) -> float:
@@ -252,8 +236,8 @@ class PACTuning(Wrapper):
             model = self.base.prepare(model, ctx)
         except SiftError as err:  # its keys are method.base_overrides.KEY here
             raise SiftError(f"method.base={self.base.name}: {err}") from None
-        frozen = _freeze_embeddings(model) if self.cfg.freeze_embeddings else 0
-        dropouts = _disable_dropout(model)
+        frozen = freeze_embeddings(model) if self.cfg.freeze_embeddings else 0
+        dropouts = set_dropout(model, 0.0)
         trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         _need(trainable, f"base '{self.base.name}' leaves no trainable tensor to carry noise")
         for name, param in trainable:
@@ -289,9 +273,13 @@ class PACTuning(Wrapper):
 
     # ---- how it is optimised -----------------------------------------------------------------------
     def create_optimizer(self, model, tcfg):
-        """AdamW over θ (new tensors at `new_lr`); p and b get their own Adam, stepped by this method."""
+        """θ with `trainer.optimizer` (AdamW as published): the pre-trained tensors at trainer.lr and the new
+        ones at `new_lr` (arm `intended`), or every tensor at `new_lr` (arm `as_published`: the published
+        grouping matches no name, so the code trains all of θ at its head rate); p and b get their own
+        Adam, stepped by this method."""
         new = {id(t.weight) for t in self.tensors if t.is_new}
-        lrs = {False: float(tcfg.lr), True: float(self.cfg.new_lr or tcfg.lr)}
+        new_lr = float(self.cfg.new_lr or tcfg.lr)
+        lrs = {False: new_lr if self.cfg.arm == "as_published" else float(tcfg.lr), True: new_lr}
         groups = []
         for group in self.base.param_groups(model, tcfg.weight_decay):
             for is_new, lr in lrs.items():
@@ -306,7 +294,7 @@ class PACTuning(Wrapper):
                 noise_groups.append({"params": log_stds, "lr": lrs[0], "is_new": is_new})
                 noise_groups.append({"params": [self.prior_log_std[is_new]], "lr": lrs[1], "is_new": is_new})
         self._noise_optimizer = torch.optim.Adam(noise_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        return torch.optim.AdamW(groups, lr=float(tcfg.lr))
+        return make_optimizer(groups, tcfg)
 
     def own_optimizers(self):
         return [self._noise_optimizer] if self._noise_optimizer is not None else []

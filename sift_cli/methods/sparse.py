@@ -35,7 +35,7 @@ from torch import nn
 
 from sift_cli.errors import SiftError
 from sift_cli.memory.model import INDEX_BYTES, Plan, Training
-from sift_cli.methods.base import Method, ModelContext, Settings, freeze_all_but
+from sift_cli.methods.base import Method, ModelContext, Settings, freeze_all_but, make_optimizer
 
 if TYPE_CHECKING:
     from sift_cli.context import RunContext
@@ -274,8 +274,8 @@ def gradient_statistic(run: "RunContext", targets: dict[str, nn.Linear], batches
 
 
 def train_briefly(run: "RunContext", param_groups: list[dict], steps: int, loss_of) -> None:
-    """`steps` AdamW steps (no weight decay) on `param_groups` over the first training batches, for
-    selectors that look at a short training run (a warm-up, an L0 phase) before choosing entries.
+    """`steps` steps of `trainer.optimizer` (no weight decay) on `param_groups` over the first training
+    batches, for selectors that look at a short training run (a warm-up, an L0 phase) before choosing entries.
 
     Gradients are averaged over `trainer.grad_accum` micro-batches and over processes, and clipped like
     the main loop's, so every process takes the same steps and ends with the same weights.
@@ -284,7 +284,7 @@ def train_briefly(run: "RunContext", param_groups: list[dict], steps: int, loss_
     accum = int(run.tcfg.grad_accum)
     max_norm = run.tcfg.max_grad_norm
     params = [p for group in param_groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    optimizer = make_optimizer(param_groups, run.tcfg, weight_decay=0.0)
     was_training = model.training
     model.train()
     for position, batch in enumerate(run.first_batches(steps * accum)):

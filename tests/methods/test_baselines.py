@@ -92,3 +92,45 @@ def test_lora_trains_a_two_layer_head_on_roberta():
     assert {"dense", "out_proj"} <= {n.split(".")[-2] for n, p in model.named_parameters()
                                        if "classifier" in n and p.requires_grad}
     assert head and all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
+def test_full_ft_matched_to_pac_trains_the_head_at_its_own_rate_and_leaves_the_embeddings():
+    m, model, loaded = prepared("full_ft", "method.new_lr=1e-2", "method.freeze_embeddings=true")
+    names = trainable(model)
+    assert names == {n for n, _ in model.named_parameters() if ".embeddings." not in n}
+    groups = m.param_groups(model, weight_decay=0.01)
+    lr_of = {id(p): g.get("lr") for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert lr_of[id(param)] == (1e-2 if name in loaded.new_params else None), name  # None: trainer.lr
+            assert decay_of[id(param)] == (0.0 if name.endswith("bias") or "LayerNorm" in name else 0.01), name
+
+
+def test_a_linear_probe_trains_the_new_head_only():
+    m, model, loaded = prepared("linear_probe")
+    assert trainable(model) == loaded.new_params == {"classifier.weight", "classifier.bias"}
+
+
+def test_sgd_takes_plain_gradient_steps_for_any_method(tmp_path):
+    """trainer.optimizer=sgd: θ - lr (g + wd θ) on the decayed tensors, θ - lr g on the others, no momentum."""
+    from tests.conftest import FAST, make_job
+
+    for method, settings in (("full_ft", []), ("sift", ["method.sparse_rate=0.05"])):
+        (tmp_path / method).mkdir()
+        job = make_job(tmp_path / method, [*FAST, f"method={method}", *settings, "trainer.optimizer=sgd",
+                                           "trainer.lr=0.5", "trainer.weight_decay=0.1", "trainer.schedule=constant",
+                                           "trainer.warmup_ratio=0", "trainer.max_grad_norm=null"])
+        trainer = job.trainer
+        trainer.ensure_optimizer()
+        assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), torch.optim.SGD)
+        model = trainer.unwrapped_model
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        before = {n: p.detach().clone() for n, p in params.items()}
+        grads = {}
+        trainer.gradient_callbacks.append(lambda t: grads.update({n: p.grad.clone() for n, p in params.items()}))
+        trainer.train(until_step=1)
+        for n, p in params.items():
+            decay = 0.0 if n.endswith("bias") or "LayerNorm" in n else 0.1
+            expected = before[n] - 0.5 * (grads[n] + decay * before[n])
+            assert torch.allclose(p.detach(), expected, atol=1e-6), (method, n)

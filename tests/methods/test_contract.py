@@ -106,7 +106,10 @@ def test_memory_plans_that_are_not_modelled_say_so(name):
 BAD_SETTINGS = {
     "full_ft": [(["method.lr=0", "trainer.lr=1e-3"], "method.lr must be > 0"),
                 (["method.lr=0"], "trainer.lr must be > 0"),  # method.lr is trainer.lr's default
-                (["method.lr=fast", "trainer.lr=1e-3"], "method.lr: Value 'fast'")],
+                (["method.lr=fast", "trainer.lr=1e-3"], "method.lr: Value 'fast'"),
+                (["method.new_lr=0"], "method.new_lr must be > 0 or null")],
+    "linear_probe": [(["method.lr=-1", "trainer.lr=1e-3"], "method.lr must be > 0"),
+                     (["method.lr=fast", "trainer.lr=1e-3"], "method.lr: Value 'fast'")],
     "bitfit": [(["method.lr=-1e-3", "trainer.lr=1e-3"], "method.lr must be > 0"),
                (["method.lr=fast", "trainer.lr=1e-3"], "method.lr: Value 'fast'")],
     "lora": [(["method.r=0"], "method.r must be a positive integer"),
@@ -138,11 +141,16 @@ BAD_SETTINGS = {
              "method.stage1_epochs=10 is longer than training"),
             (["method.gamma_min=20"], r"method.gamma_min \(20.0\) exceeds method.gamma_max"),
             (["method.base.lr=0"], "method.base.lr must be > 0"),
-            (["method.base=lora"], "method@method.base=NAME")],
+            (["method.base=lora"], "method@method.base=NAME"),
+            (["method.arm=published"], "method.arm must be one of intended, as_published")],
     "graft": [(["method.sparsity=0"], r"method.sparsity must be in \(0, 1\]"),
               (["method.freeze=[layers]"], "method.freeze must be a list of groups among embeddings and head"),
               (["method@method.base=graft"], "method.base must name another method than graft"),
-              (["task=superglue/copa"], "method=graft works with classification tasks")],
+              (["task=superglue/copa"], "method=graft works with classification tasks"),
+              (["method.head=fixed"], "method.head must be one of trained, random, probe"),
+              (["method.sparsity_sweep=[1e-4,2]"], r"method.sparsity_sweep must be a list of sparsities in \(0, 1\]"),
+              (["method.sparsity_sweep=[1e-9]"], r"method.sparsity_sweep=\[1e-09\] selects no entry"),
+              (["method.source=/x", "method.head=probe"], "with method.source the head is the source run's")],
 }
 
 

@@ -63,23 +63,28 @@ def test_layer_groups_follow_the_published_split():
 def test_binary_grafts_are_the_fine_tuned_or_the_pretrained_model_bit_for_bit(tmp_path):
     job, search = fine_tuned_search(tmp_path, ["method.include_embeddings=true", "method.include_head=true"])
     model, fine_tuned, pretrained = job.trainer.unwrapped_model, search.fine_tuned, job.method.pretrained
-    assert not search.outside  # the region is the whole model
+    new = {"classifier.weight", "classifier.bias"}  # tiny-bert's new head: never in the region
+    assert set(search.outside) == new == job.method.new_params
     assert any(not torch.equal(fine_tuned[n], pretrained[n]) for n in fine_tuned)
     ones = {n: torch.ones_like(v, dtype=torch.bool) for n, v in search.region.pre.items()}
-    write_values(model, search.region.grafted(ones))
+    write_values(model, {**search.outside, **search.region.grafted(ones)})
     assert all(torch.equal(p, fine_tuned[n]) for n, p in model.named_parameters())
     zeros = {n: torch.zeros_like(m) for n, m in ones.items()}
     write_values(model, search.region.grafted(zeros))
-    assert all(torch.equal(p, pretrained[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, fine_tuned[n] if n in new else pretrained[n]) for n, p in model.named_parameters())
 
 
-def test_outside_the_default_region_the_head_is_fine_tuned_and_the_rest_pretrained(tmp_path):
+def test_outside_the_default_region_only_the_new_head_is_fine_tuned(tmp_path):
     job, search = fine_tuned_search(tmp_path)
     groups = {n: g for n, g in search.groups.items() if n not in search.region.pre}
     assert set(groups.values()) == {"embeddings", "head"}
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= set(groups)
+    # the pre-trained pooler moved in fine-tuning but belongs to the pre-trained model; the new head keeps theta_ft
+    pooler = "bert.pooler.dense.weight"
+    assert not torch.equal(search.fine_tuned[pooler], job.method.pretrained[pooler])
     for name, value in search.outside.items():
-        expected = search.fine_tuned[name] if groups[name] == "head" else job.method.pretrained[name]
-        assert torch.equal(value, expected)
+        new = name in {"classifier.weight", "classifier.bias"}
+        assert torch.equal(value, search.fine_tuned[name] if new else job.method.pretrained[name]), name
 
 
 def test_the_search_starts_from_the_base_patch_and_ends_on_a_rounded_mask(tmp_path):
@@ -102,12 +107,20 @@ def test_the_share_of_the_gain_is_undefined_when_fine_tuning_gained_nothing():
 
 
 def test_a_graft_run_records_four_models_its_mask_and_diagrams(tmp_path):
-    cfg = compose_config([*GRAFT, "save.weights=true"])
+    cfg = compose_config([*GRAFT, "save.weights=true", "method.sparsity_sweep=[0.001,0.05]"])
     job = Job(cfg, tmp_path, None)
     job.setup()
     results = job.run()
     info = results["method_info"]
     assert set(info["models"]) == {"pretrained", "fine_tuned", "grafted", "random_graft"}
+    assert [(row["sparsity"], row["entries"]) for row in info["sparsity_sweep"]] == [
+        (0.001, math.floor(0.001 * info["region_entries"])), (0.05, math.floor(0.05 * info["region_entries"]))]
+    assert all("accuracy" in row["grafted"] and "accuracy" in row["random_graft"] for row in info["sparsity_sweep"])
+    gain = info["gain"]
+    ft, pre = info["models"]["fine_tuned"]["accuracy"], info["models"]["pretrained"]["accuracy"]
+    assert gain["fine_tuned_minus_pretrained"] == pytest.approx(ft - pre)
+    assert gain["significant"] == (ft - pre > 2 * gain["standard_error"])
+    assert (info["gain_kept"]["grafted"] is None) == (not gain["significant"])
     assert results["metrics"] == info["models"]["grafted"]
     assert all("ece" in m and "accuracy" in m for m in info["models"].values())
     assert set(info["gain_kept"]) == {"grafted", "random_graft"}
@@ -201,3 +214,129 @@ def test_frozen_groups_keep_their_pretrained_values_during_fine_tuning(tmp_path)
     pattern = job.cfg.method.layer_pattern
     assert all(torch.equal(before[n], after[n]) for n in before if group_of(n, pattern) == "embeddings")
     assert any(not torch.equal(before[n], after[n]) for n in before if group_of(n, pattern) != "embeddings")
+
+
+# ---- the mask gradient, a planted skill, the head options, the significance of the gain ------------------
+def test_the_mask_gradient_is_autograd_of_the_continuous_graft(tmp_path):
+    """The search's step direction is d/dS of L(theta_pre + gamma(S) * delta), with gamma re-derived here:
+    gamma = base + (1 - 2 base) sigmoid(S - bias), the loss averaged over the training batches in eval mode."""
+    from torch.func import functional_call
+    from torch.utils.data import DataLoader
+
+    job, search = fine_tuned_search(tmp_path, ["trainer.lr=1e-2"])
+    region, model = search.region, job.trainer.unwrapped_model
+    generator = torch.Generator().manual_seed(3)
+    # scores near the bias, where sigmoid' is large, so the gradient is far from rounding noise
+    scores = {n: 10.0 + torch.randn(region.pre[n].shape, generator=generator) for n in region.names}
+    base = {n: m.float() for n, m in region.top_movement(search.k).items()}
+    write_values(model, search.outside)
+    ours = search.score_gradient(scores, base)
+
+    leaves = {n: s.clone().requires_grad_(True) for n, s in scores.items()}
+    values = {n: region.pre[n] + (base[n] + (1 - 2 * base[n]) * torch.sigmoid(leaves[n] - 10.0)) * region.delta[n]
+              for n in region.names}
+    model.eval()
+    batches = list(DataLoader(search.train_set.dataset, batch_size=int(job.cfg.trainer.batch_size),
+                              collate_fn=job.data.collator))
+    loss = sum(functional_call(model, values, args=(), kwargs=batch).loss for batch in batches) / len(batches)
+    reference = torch.autograd.grad(loss, [leaves[n] for n in region.names])
+    flat_ours = torch.cat([ours[n].reshape(-1) for n in region.names])
+    flat_reference = torch.cat([g.reshape(-1) for g in reference])
+    assert flat_reference.abs().max() > 0
+    assert torch.allclose(flat_ours, flat_reference, rtol=1e-3, atol=1e-4 * flat_reference.abs().max().item())
+
+
+def test_a_planted_local_skill_is_recovered_by_the_top_k_graft_and_not_by_a_random_one(tmp_path):
+    """theta_ft = theta_pre + small noise everywhere + a large change on k entries of the last layer's output
+    LayerNorm bias that moves every prediction to the class the pre-trained model predicts least: the
+    top-movement graft of k entries finds those entries and the fine-tuned predictions; a random graft of k
+    entries is the pre-trained model."""
+    job = make_job(tmp_path, [*GRAFT, "model.head=cls_linear"])
+    model, method, trainer = job.trainer.unwrapped_model, job.method, job.trainer
+    test_set = job.data.tests[0]
+    pretrained = method.pretrained
+    write_values(model, pretrained)
+    before = trainer.predict(test_set)[0].argmax(-1)
+    minority = int(torch.bincount(before, minlength=2).argmin())
+    head = pretrained["classifier.weight"]
+    direction = head[minority] - head[1 - minority]
+    k, target = 3, "bert.encoder.layer.1.output.LayerNorm.bias"
+    planted = direction.abs().topk(k).indices
+    generator = torch.Generator().manual_seed(0)
+    fine_tuned = {n: v + 1e-4 * torch.randn(v.shape, generator=generator) for n, v in pretrained.items()}
+    fine_tuned[target][planted] += 50.0 * direction[planted].sign()
+    search = MaskSearch(method, trainer, fine_tuned)
+    write_values(model, fine_tuned)
+    labels = trainer.predict(test_set)[0].argmax(-1)
+    assert (labels == minority).all()
+
+    def agreement(mask):
+        write_values(model, {**search.outside, **search.region.grafted(mask)})
+        return (trainer.predict(test_set)[0].argmax(-1) == labels).float().mean().item()
+
+    top = search.region.top_movement(k)
+    assert torch.equal(top[target].nonzero().reshape(-1).sort().values, planted.sort().values)
+    assert sum(int(m.sum()) for m in top.values()) == k
+    assert agreement(top) == 1.0
+    zeros = {n: torch.zeros_like(m) for n, m in top.items()}
+    pre_agreement = agreement(zeros)
+    assert pre_agreement <= 0.5
+    random = search.region.random_mask(k, torch.Generator().manual_seed(1))
+    assert agreement(random) <= pre_agreement + 0.1
+
+
+@pytest.mark.parametrize("head", ["random", "probe"])
+def test_a_fixed_head_is_the_same_in_every_model_compared(tmp_path, head):
+    job = make_job(tmp_path, [*GRAFT, "model.head=cls_linear", f"method.head={head}", "trainer.lr=1e-3"])
+    model = job.trainer.unwrapped_model
+    new = {"classifier.weight", "classifier.bias"}
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n in new)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in new}
+    if head == "random":  # the initialisation, untouched
+        assert all(torch.equal(start[n], job.method.pretrained[n]) for n in new)
+    job.trainer.train()
+    search = MaskSearch(job.method, job.trainer, snapshot(model))
+    assert all(torch.equal(search.outside[n], start[n]) for n in new)
+    assert any(not torch.equal(search.fine_tuned[n], job.method.pretrained[n]) for n in search.region.names)
+
+
+def test_the_probe_is_the_logistic_regression_of_the_pretrained_first_token_states(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from torch.utils.data import DataLoader
+
+    job = make_job(tmp_path, [*GRAFT, "model.head=cls_linear", "method.head=probe"])
+    model = job.trainer.unwrapped_model.eval()
+    batch = next(iter(DataLoader(job.data.train, batch_size=len(job.data.train), collate_fn=job.data.collator)))
+    with torch.no_grad():
+        states = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch.get("token_type_ids")).last_hidden_state[:, 0]
+        ours = torch.softmax(model(**batch).logits.double(), -1)
+    fitted = LogisticRegression(max_iter=5000).fit(states.double().numpy(), batch["labels"].numpy())
+    assert torch.allclose(ours, torch.as_tensor(fitted.predict_proba(states.double().numpy())), atol=1e-5)
+    assert job.method.info["probe"]["examples"] == len(job.data.train)
+
+
+def test_the_gain_counts_only_beyond_two_standard_errors():
+    from sift_cli.methods.graft import gain_standard_error
+
+    assert gain_kept(0.625, pretrained=0.5, fine_tuned=0.75, standard_error=0.12) == pytest.approx(0.5)
+    assert gain_kept(0.625, pretrained=0.5, fine_tuned=0.75, standard_error=0.125) is None  # 0.25 is not > 0.25
+    # The paired bootstrap's standard error against the closed form for a difference of accuracies on the
+    # same n examples: sqrt(((b + c) / n - ((c - b) / n)^2) / n), b and c the two kinds of disagreement.
+    n, b, c = 400, 40, 120  # pre-trained right and fine-tuned wrong on b examples; the other way round on c
+    labels = torch.zeros(n, dtype=torch.long)
+    pre_right = torch.zeros(n, dtype=torch.bool)
+    ft_right = torch.zeros(n, dtype=torch.bool)
+    pre_right[:b] = True
+    ft_right[b:b + c] = True
+    pre_right[b + c:b + c + 100] = ft_right[b + c:b + c + 100] = True  # both right on 100 more
+    logits = {name: torch.stack([right.float(), (~right).float()], -1) for name, right in
+              (("pre", pre_right), ("ft", ft_right))}
+
+    def accuracy(x, y):
+        return (x.argmax(-1) == y).float().mean().item()
+
+    closed = math.sqrt(((b + c) / n - ((c - b) / n) ** 2) / n)
+    bootstrap = gain_standard_error(accuracy, logits["ft"], logits["pre"], labels, resamples=2000)
+    assert bootstrap == pytest.approx(closed, rel=0.08)
+    assert gain_standard_error(accuracy, logits["ft"], logits["ft"], labels, resamples=50) == 0.0

@@ -276,3 +276,48 @@ def test_a_short_run_on_real_few_shot_data_learns(tmp_path, real_data):
     after = clean_train_loss()
     assert after < before - 0.1, (before, after)
     assert math.isfinite(job.method.summary()["end_of_stage1"]["pac_bound"])
+
+
+# ---- the arms' learning rates, and the bound's pull on θ -------------------------------------------------
+@pytest.mark.parametrize("arm", ["intended", "as_published"])
+def test_each_arm_trains_theta_at_its_learning_rates(tmp_path, fixture_data, arm):
+    job, trainer = _setup(tmp_path, ["model.head=cls_linear", "data.k_shot=4", "trainer.max_steps=2",
+                                     "method.stage1_epochs=1", "trainer.lr=5e-5", "method.new_lr=1e-2",
+                                     f"method.arm={arm}"], fixture_data)
+    trainer.ensure_optimizer()
+    model = trainer.unwrapped_model
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    head = {"classifier.weight", "classifier.bias"}
+    embeddings = {n for n, _ in model.named_parameters() if ".embeddings." in n}
+    assert set(lr_of) == set(names.values()) - embeddings  # the embeddings stay frozen, as published
+    body_lr = 5e-5 if arm == "intended" else 1e-2
+    assert all(lr_of[n] == (1e-2 if n in head else body_lr) for n in lr_of), lr_of
+    # p and b: their own Adam; pre-trained tensors at noise_lr / prior_lr, the head at new_noise_lr x 50
+    noise = {}
+    for group in job.method.own_optimizers()[0].param_groups:
+        for p in group["params"]:
+            noise[id(p)] = group["lr"]
+    for t in job.method.tensors:
+        assert noise[id(t.log_std)] == (0.01 * 50 if t.name in head else 0.1), t.name
+    assert noise[id(job.method.prior_log_std[False])] == 0.1 and noise[id(job.method.prior_log_std[True])] == 0.5
+
+
+def test_the_bound_pulls_theta_itself_towards_theta0():
+    """d bound / d θ by autograd is the KL's pull (θ - θ0) e^{-2b} / (n γ): the bound reaches the trained θ,
+    not a detached copy (γ is fixed at 10, so it carries no gradient)."""
+    model = torch.nn.Linear(4, 3)
+    method = build_method(compose_config(["method=pac"]).method)
+    method.prepare(model, ModelContext(new_params={"bias"}))
+    method.k_prior_std, method.k_values = torch.tensor([1e-3, 1e-1], dtype=torch.float64), torch.tensor([0.2, 0.4])
+    shift = {"weight": torch.randn(3, 4) * 0.01, "bias": torch.randn(3) * 0.01}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.add_(shift[name])
+    n = 100
+    method.bound_terms(n).complexity.backward()
+    for t in method.tensors:
+        b = method.prior_log_std[t.is_new][t.prior_index].item()
+        expected = shift[t.name].double() * math.exp(-2 * b) / (n * 10.0)
+        assert t.weight.grad is not None, t.name
+        assert torch.allclose(t.weight.grad.double(), expected, rtol=1e-4), t.name

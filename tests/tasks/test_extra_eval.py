@@ -30,7 +30,8 @@ def test_extra_sets_are_scored_with_the_tests_under_their_suffix(tmp_path):
                                                              ("reviews", "_reviews")]
     assert job.data.info["n_eval"] == {"validation": 8, "again": 8, "reviews": 6}
     metrics = job.trainer.evaluate_tests()
-    assert set(metrics) == {"accuracy", "ece", "accuracy_again", "ece_again", "accuracy_reviews", "ece_reviews"}
+    assert set(metrics) == {f"{key}{suffix}" for key in ("accuracy", "ece", "predicted_class_share")
+                            for suffix in ("", "_again", "_reviews")}
     assert metrics["accuracy_again"] == metrics["accuracy"]  # the same rows under another name
 
 

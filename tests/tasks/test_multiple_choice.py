@@ -48,7 +48,7 @@ def test_copa_trains_and_is_scored_by_accuracy(tmp_path, method):
     logits, labels = job.trainer.predict(job.data.tests[0])
     assert logits.shape == (8, 2) and labels.shape == (8,)
     metrics = job.fit()
-    assert set(metrics) == {"accuracy", "ece"} and 0 <= metrics["accuracy"] <= 1
+    assert set(metrics) == {"accuracy", "ece", "predicted_class_share"} and 0 <= metrics["accuracy"] <= 1
 
 
 def test_copa_trains_with_lora(tmp_path):

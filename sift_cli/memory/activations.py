@@ -113,8 +113,12 @@ class Activations:
     def adapter(self, tape: Tape, place: str, grad: bool) -> bool:
         if place not in self.training.adapter_places:
             return grad
+        if self.training.adapter_reads_norm:
+            self.layer_norm(tape, f"{place}.adapter_norm", True)
         tape.keep(f"{place}.adapter_in", self.act * self.tokens * self.arch.hidden)
         tape.keep(f"{place}.adapter_mid", self.act * self.tokens * self.training.adapter_width)
+        tape.keep(f"{place}.adapter_act", self.act * self.tokens * self.training.adapter_width,
+                  when=self.training.adapter_activation != "relu")
         return True
 
     def encoder_block(self, tape: Tape, x_grad: bool) -> bool:

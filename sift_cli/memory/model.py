@@ -100,6 +100,8 @@ class Training:
     lora_dropout: bool = False
     adapter_width: int = 0
     adapter_places: tuple[str, ...] = ()
+    adapter_activation: str = "relu"  # relu keeps only its output; swish and gelu their input too
+    adapter_reads_norm: bool = False  # Pfeiffer: the adapter reads LN(h + x), a LayerNorm more per place
     prefix: int = 0
     dropout: bool = True
 

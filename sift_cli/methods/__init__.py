@@ -67,6 +67,6 @@ def build_method(cfg, run: DictConfig | None = None, where: str = "method") -> M
     return cls(typed_settings(cls, cfg, run, where))
 
 
-from sift_cli.methods import adapter, bitfit, diff_pruning, fisher, full_ft, graft, linear_probe, lora, magnitude, mixout, pac, prefix, random_mask, s4, sam, sift  # noqa: E402,F401,E501  (each registers itself)
+from sift_cli.methods import adapter, bitfit, diff_pruning, fisher, full_ft, graft, linear_probe, lora, magnitude, mixout, pac, prefix, random_mask, s4, sam, sift, unipelt  # noqa: E402,F401,E501  (each registers itself)
 
 __all__ = ["METHODS", "Method", "ModelContext", "build_method", "register_method"]

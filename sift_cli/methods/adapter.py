@@ -1,9 +1,13 @@
 """Bottleneck adapters on every layer (Houlsby et al., 2019; Pfeiffer et al., 2021); the task head trains too.
 
-peft has no bottleneck adapter, so the modules are ours (sift_cli/methods/layers.py, shared with `s4`).
-Houlsby placement puts one after the attention output projection and one after the FFN; Pfeiffer
-placement only the one after the FFN. The bottleneck is `method.bottleneck`, or hidden size divided by
-`method.reduction_factor` (exactly one of the two is set).
+peft has no bottleneck adapter, so the modules are ours (sift_cli/methods/layers.py, shared with `s4`),
+computing what AdapterHub's HoulsbyConfig and PfeifferConfig compute (the S4 code is built on AdapterHub):
+Houlsby placement adapts the attention output and the FFN output before their residual sums, with swish;
+Pfeiffer placement adapts the FFN only, reading LN(h + x) and feeding h + f + x to the same LayerNorm again,
+with relu. Weights start as AdapterHub's (`init: bert`, N(0, 0.02)), so the adapted model does not start
+exactly as the pre-trained one (`init: identity` does). The bottleneck is `method.bottleneck`, or hidden size
+divided by `method.reduction_factor` (exactly one of the two is set). Left as AdapterHub leaves it: no
+dropout inside the adapter, no gate (`gated: true` adds UniPELT's).
 """
 
 from dataclasses import dataclass
@@ -15,7 +19,10 @@ from sift_cli.errors import SiftError
 from sift_cli.memory.model import Plan, Training
 from sift_cli.methods import register_method
 from sift_cli.methods.base import Method, Settings, is_count
-from sift_cli.methods.layers import PLACEMENTS, adapter_cost, attach_adapters, encoder_layers, train_only
+from sift_cli.methods.layers import (
+    ADAPTER_ACTIVATIONS, ADAPTER_INITS, PLACEMENT_ACTIVATION, PLACEMENTS, adapter_cost, attach_adapters,
+    encoder_layers, train_only,
+)
 
 
 def bottleneck_size(cfg, hidden: int) -> int:
@@ -32,6 +39,9 @@ class AdapterSettings(Settings):
     placement: str = MISSING  # houlsby | pfeiffer
     reduction_factor: Optional[float] = MISSING  # bottleneck = hidden size / reduction_factor ...
     bottleneck: Optional[int] = MISSING  # ... or given directly (exactly one of the two)
+    activation: Optional[str] = MISSING  # relu | swish | gelu; null: AdapterHub's for the placement
+    init: str = MISSING  # bert | houlsby | identity
+    gated: bool = MISSING
 
     def check(self, run) -> None:
         super().check(run)
@@ -40,6 +50,9 @@ class AdapterSettings(Settings):
             self.refuse(f"method=adapter: set exactly one of {self.where}.bottleneck and {self.where}.reduction_factor")
         self.need(self.bottleneck is None or is_count(self.bottleneck), "bottleneck", "a positive integer")
         self.need(self.reduction_factor is None or self.reduction_factor > 0, "reduction_factor", "> 0")
+        self.need(self.activation is None or self.activation in ADAPTER_ACTIVATIONS, "activation",
+                  f"one of {', '.join(ADAPTER_ACTIVATIONS)} or null")
+        self.need(self.init in ADAPTER_INITS, "init", f"one of {', '.join(ADAPTER_INITS)}")
 
 
 @register_method
@@ -59,20 +72,29 @@ class AdapterTuning(Method):
         placement = self.cfg.placement
         layers = encoder_layers(model, self.name)
         size = bottleneck_size(self.cfg, layers[0].attention.self.key.in_features)
-        added = [adapter for layer in layers for adapter in attach_adapters(layer, size, placement)]
+        activation, gated = self.activation, bool(self.cfg.gated)
+        added = [adapter for layer in layers
+                 for adapter in attach_adapters(layer, size, placement, activation, self.cfg.init, gated)]
         train_only(model, added, [], ctx.new_params)
-        self.info = {"placement": placement, "bottleneck": size, "layers": len(layers),
-                     "adapter_params": adapter_cost(layers[0], placement).at(size) * len(layers)}
+        self.info = {"placement": placement, "bottleneck": size, "activation": activation, "init": self.cfg.init,
+                     "gated": gated, "layers": len(layers),
+                     "adapter_params": adapter_cost(layers[0], placement, gated).at(size) * len(layers)}
         return model
+
+    @property
+    def activation(self) -> str:
+        return self.cfg.activation or PLACEMENT_ACTIVATION[self.cfg.placement]
 
     def memory_plan(self, parts):
         parts.encoder_only(self.name)
         h = parts.arch.hidden
         width = bottleneck_size(self.cfg, h)
         places = PLACEMENTS[self.cfg.placement]
-        adapters = parts.arch.layers * len(places) * (2 * h * width + width + h)  # down and up, with biases
+        gate = h + 1 if self.cfg.gated else 0
+        adapters = parts.arch.layers * len(places) * (2 * h * width + width + h + gate)  # down, up (, gate)
         training = Training(parts.head_modes, norms="frozen", embeddings=False, adapter_width=width,
-                            adapter_places=places)
+                            adapter_places=places, adapter_activation=self.activation,
+                            adapter_reads_norm=self.cfg.placement == "pfeiffer")
         w = parts.weight_bytes
         return Plan(training, [(adapters + parts.head_params, w)], added=[(adapters, w)])
 

@@ -1,4 +1,8 @@
-"""LoRA (Hu et al., 2022) through peft: low-rank updates on the target modules; the task head trains densely."""
+"""LoRA (Hu et al., 2022) through peft: low-rank updates on the target modules; the task head trains densely.
+
+alpha 16 at r 8 is Hu et al.'s RoBERTa GLUE setting (scaling alpha / r = 2); AdapterHub's LoRAConfig, which
+the S4 code uses, has alpha = r (scaling 1): `method.alpha=8` gives it.
+"""
 
 from dataclasses import dataclass
 from typing import List, Optional

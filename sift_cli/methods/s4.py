@@ -6,6 +6,12 @@ the group frozen) and a total budget (`method.budget`, a fraction of the model's
 (adapter bottleneck, prefix length, LoRA rank; BitFit has none) follow from the budget by the rule in
 `derive_sizes`, and are recorded in results.json under `method_info`. The task head trains on top of
 the budget, as in every method, and is counted apart (`head_params`).
+
+The strategies compute what AdapterHub's do (the S4 code is built on it): adapters as its HoulsbyConfig or
+PfeifferConfig (swish or relu, N(0, 0.02) init), LoRA with alpha = rank. Differences kept, because a design
+allocates a budget per layer: each layer's prefix has its own narrow MLP (AdapterHub shares one 512-wide MLP
+across layers and drops it after training), and nothing is gated. The official code itself has no grouping:
+its `PEFT` configuration is the gated union of prefix, Pfeiffer adapter and LoRA on every layer, our `unipelt`.
 """
 
 from __future__ import annotations

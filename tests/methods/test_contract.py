@@ -32,7 +32,7 @@ FITS = {
     "random_mask": ["method.sparse_rate=0.05"],
     "sift": ["method.sparse_rate=0.05"],
 }
-NOT_MODELLED = {"s4", "pac", "graft"}  # sift-memory says so (test_memory_plans_that_are_not_modelled_say_so)
+NOT_MODELLED = {"s4", "pac", "graft", "unipelt"}  # sift-memory says so (test_memory_plans_that_are_not_modelled_say_so)
 
 
 def two_steps(tmp_path, name):
@@ -117,6 +117,8 @@ BAD_SETTINGS = {
              (["method.target_modules=[nope]"], "matches no module of this model")],
     "adapter": [(["method.placement=inside"], "method.placement must be one of houlsby, pfeiffer"),
                 (["method.bottleneck=8"], "set exactly one of method.bottleneck and method.reduction_factor")],
+    "unipelt": [(["method.lora_r=0"], "method.lora_r must be a positive integer"),
+                (["method.lora_targets=[]"], "method.lora_targets must be a non-empty list")],
     "prefix": [(["method.length=0"], "method.length must be a positive integer"),
                (["method.mlp_hidden=-4"], "method.mlp_hidden must be a positive integer")],
     "s4": [(["method.budget=2"], r"method.budget must be a fraction in \(0, 1\)"),

@@ -43,10 +43,30 @@ def test_padding_does_not_change_the_unpadded_rows(attention):
     assert torch.allclose(batch[0, : alone.shape[1]], alone[0], atol=1e-5)
 
 
+def own_mlp(module):
+    return module.prefix.mlp(module.prefix.embedding)  # (length, [keys | values])
+
+
+def shared_mlp(module, model, layer=0):
+    """AdapterHub's layout: the pool's output viewed as (length, layers x 2, hidden); layer i's keys are at 2i."""
+    pool = model.bert.encoder.prefix_pool
+    out = pool.mlp(pool.embedding).view(pool.length, 2 * len(model.bert.encoder.layer), HIDDEN)
+    return torch.cat([out[:, 2 * layer], out[:, 2 * layer + 1]], dim=-1)
+
+
+VARIANTS = {  # method and settings, how the prefix is made, whether a gate scales the layer's own keys and values
+    "per_layer": (["prefix"], lambda module, model: own_mlp(module), False),
+    "shared": (["prefix", "method.shared=true"], shared_mlp, False),
+    "unipelt": (["unipelt"], shared_mlp, True),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_self_attention_output_is_attention_over_prefix_and_tokens(attention):
+def test_self_attention_output_is_attention_over_prefix_and_tokens(attention, variant):
     """The first layer's self-attention, recomputed by hand from its weights, its prefix MLP and the padding."""
-    _, model, _, tokenizer = prepared("prefix", attention=attention)
+    method, generate, gated = VARIANTS[variant]
+    _, model, _, tokenizer = prepared(*method, attention=attention)
     module = model.bert.encoder.layer[0].attention.self
     seen = {}
     module.register_forward_hook(lambda mod, args, kwargs, out: seen.update(h=args[0] if args else
@@ -58,17 +78,28 @@ def test_self_attention_output_is_attention_over_prefix_and_tokens(attention):
         h, heads, prefix = seen["h"], module.num_attention_heads, module.prefix
         size = HIDDEN // heads
         split = lambda x: x.view(x.shape[0], -1, heads, size).transpose(1, 2)  # (batch, heads, positions, size)
-        generated = prefix.mlp(prefix.embedding)  # (length, [keys | values])
+        generated = generate(module, model)
+        gate = torch.sigmoid(h @ prefix.gate.weight.T + prefix.gate.bias).mean(1).view(2, 1, 1, 1) if gated else 1
         keys = torch.cat([generated[:, :HIDDEN].view(1, -1, heads, size).transpose(1, 2).expand(2, -1, -1, -1),
-                          split(module.key(h))], dim=2)
+                          gate * split(module.key(h))], dim=2)
         values = torch.cat([generated[:, HIDDEN:].view(1, -1, heads, size).transpose(1, 2).expand(2, -1, -1, -1),
-                            split(module.value(h))], dim=2)
+                            gate * split(module.value(h))], dim=2)
         scores = split(module.query(h)) @ keys.transpose(-1, -2) / size**0.5
         visible = torch.cat([torch.ones(2, prefix.length, dtype=torch.bool), batch["attention_mask"].bool()], 1)
         scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
         expected = (scores.softmax(-1) @ values).transpose(1, 2).reshape(2, -1, HIDDEN)
     assert keys.shape[2] == prefix.length + batch["input_ids"].shape[1]
     assert torch.allclose(seen["out"], expected, atol=1e-5)
+
+
+def test_a_shared_prefix_trains_one_mlp_for_every_layer_and_keeps_its_output():
+    m, model, loaded, _ = prepared("prefix", "method.shared=true", "method.length=5", "method.mlp_hidden=7")
+    layers = len(model.bert.encoder.layer)
+    mlp = 5 * HIDDEN + HIDDEN * 7 + 7 + 7 * layers * 2 * HIDDEN + layers * 2 * HIDDEN  # free vectors and MLP
+    head = sum(p.numel() for n, p in model.named_parameters() if n in loaded.new_params)
+    assert m.count_trainable(model) == mlp + head
+    assert m.summary()["prefix_kept"] == 5 * layers * 2 * HIDDEN
+    assert not any(".attention.self.prefix." in n for n in trainable(model))  # the layers hold no parameters
 
 
 def test_an_attention_that_skips_the_prefix_fails_loudly():

@@ -112,8 +112,8 @@ def test_all_four_strategies_on_one_group_change_the_forward_pass_and_get_gradie
     batch = tokenizer(["a fine film .", "dull"], padding=True, return_tensors="pt")
     model(**batch, labels=torch.tensor([1, 0])).loss.backward()
     silent = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())}
-    # LoRA's A and the adapters' down projections get no gradient while the zero-initialised B / up are zero
-    assert silent == {n for n in trainable(model) if "lora_A" in n or ".adapter.down." in n}
+    # LoRA's A gets no gradient while the zero-initialised B is zero (AdapterHub's adapters start non-zero)
+    assert silent == {n for n in trainable(model) if "lora_A" in n}
     assert any(".prefix." in n for n in trainable(model))
 
 

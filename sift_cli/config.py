@@ -15,6 +15,7 @@ SELECT_ON = ("auto", "dev", "validation", "heldout", "last")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 MODEL_INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("linear", "constant", "linear_nominal")
 OPTIMIZERS = ("adamw", "sgd")
 MODEL_HEADS = ("default", "cls_linear")
 
@@ -69,7 +70,14 @@ def validate(cfg: DictConfig) -> None:
     _need(t.max_grad_norm is None or t.max_grad_norm >= 0,
           f"trainer.max_grad_norm must be >= 0 or null, got {t.max_grad_norm!r}")
     _choice(t.select_on, "trainer.select_on", SELECT_ON)
-    _choice(t.schedule, "trainer.schedule", ("linear", "constant"))
+    _choice(t.schedule, "trainer.schedule", SCHEDULES)
+    nominal = t.get("nominal_epochs")
+    if t.schedule == "linear_nominal":
+        _need(isinstance(nominal, (int, float)) and not isinstance(nominal, bool) and nominal > 0,
+              f"trainer.schedule=linear_nominal needs trainer.nominal_epochs > 0, got {nominal!r}")
+    else:
+        _need(nominal is None, f"trainer.nominal_epochs={nominal!r} is used only by trainer.schedule=linear_nominal, "
+                               f"not {t.schedule}")
     _choice(t.precision, "trainer.precision", PRECISIONS)
     _choice(t.device, "trainer.device", ("auto", "cpu"))
     _choice(t.get("optimizer", "adamw"), "trainer.optimizer", OPTIMIZERS)

@@ -1,6 +1,7 @@
 """The one training loop, on `accelerate`: the same code on a CPU, a GPU with bf16, or several processes.
 
-AdamW or SGD (`trainer.optimizer`, through the method), linear warm-up and decay, gradient accumulation,
+AdamW or SGD (`trainer.optimizer`, through the method), linear warm-up and decay (over the run, or over a
+nominal length of which the run trains the start: `trainer.schedule=linear_nominal`), gradient accumulation,
 clipping, periodic evaluation on the selection split, and the best trainable state kept for the final
 evaluation. Methods see the loop only through `sift_cli.context` (a `RunContext` in their hooks, a `Loop` in
 `fit`).
@@ -50,6 +51,28 @@ def make_accelerator(tcfg) -> Accelerator:
     )
 
 
+def schedule_length(tcfg, total_steps: int, steps_per_epoch: int) -> int:
+    """The steps the learning-rate schedule spans: the run's own, or with `linear_nominal` the
+    `trainer.nominal_epochs` it is laid over, of which the run trains only the first `total_steps`."""
+    if tcfg.schedule != "linear_nominal":
+        return total_steps
+    nominal = round(float(tcfg.nominal_epochs) * steps_per_epoch)
+    if nominal < total_steps:
+        raise SiftError(f"trainer.nominal_epochs={tcfg.nominal_epochs} spans {nominal} steps, fewer than the run's "
+                        f"{total_steps}: the learning rate would reach zero before the end")
+    return nominal
+
+
+def make_schedule(optimizer, tcfg, total_steps: int, steps_per_epoch: int):
+    """Linear warm-up over `trainer.warmup_ratio` of the schedule's length, then linear decay to zero
+    (`linear`, `linear_nominal`) or a constant rate (`constant`)."""
+    length = schedule_length(tcfg, total_steps, steps_per_epoch)
+    warmup = round(float(tcfg.warmup_ratio) * length)
+    if tcfg.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_linear_schedule_with_warmup(optimizer, warmup, length)
+
+
 @dataclass
 class Best:
     score: float = -math.inf
@@ -95,6 +118,7 @@ class Trainer:
         )
         self.steps_per_epoch = max(1, math.ceil(len(loader) / int(self.tcfg.grad_accum)))
         self.total_steps = int(self.tcfg.max_steps or self.tcfg.epochs * self.steps_per_epoch)
+        schedule_length(self.tcfg, self.total_steps, self.steps_per_epoch)  # refuses a schedule shorter than the run
         self.eval_every = int(self.tcfg.eval_every or self.steps_per_epoch)
         self.train_loader = accelerator.prepare_data_loader(loader)
         self.model = model.to(accelerator.device)
@@ -197,11 +221,7 @@ class Trainer:
         self.wrap_model()
         self.method.on_train_begin(self.context)
         optimizer = self.method.create_optimizer(self.unwrapped_model, self.tcfg)
-        warmup = round(float(self.tcfg.warmup_ratio) * self.total_steps)
-        if self.tcfg.schedule == "constant":
-            self.scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
-        else:
-            self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        self.scheduler = make_schedule(optimizer, self.tcfg, self.total_steps, self.steps_per_epoch)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:

@@ -14,7 +14,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from sift_cli.config import CONFIG_DIR, available_options, validate
-from tests.conftest import FIXTURES, compose_config
+from sift_cli.methods import build_method
+from tests.conftest import FIXTURES, REAL_DATA, compose_config
 
 EXPERIMENTS = available_options("experiment")
 # Settings that table experiments include (graft_lmbff_table, pac_glue_table), not tables of their own.
@@ -39,9 +40,11 @@ def sweep_params(name: str) -> dict[str, list[str]]:
 
 
 def compose_job(name: str, overrides: list[str]):
+    """A job of the experiment, resolved, its ranges and its method's settings checked."""
     cfg = compose_config([f"experiment={name}", *overrides])
     OmegaConf.resolve(cfg)
     validate(cfg)
+    build_method(cfg.method, cfg)
     return cfg
 
 
@@ -61,9 +64,11 @@ def test_each_file_opens_with_its_command_and_its_source(name):
 
 
 def test_experiments_merge_after_the_main_config():
-    """`_self_` comes first in the defaults list, so an experiment may set seed, data.* and the rest."""
+    """`_self_` comes first in the defaults list, so an experiment may set seed, data.* and the rest; only the
+    experiment's settings for the method it runs come after it."""
     defaults = yaml.safe_load((Path(CONFIG_DIR) / "config.yaml").read_text())["defaults"]
-    assert defaults[0] == "_self_" and defaults[-1] == {"optional experiment": None}
+    assert defaults[0] == "_self_" and defaults[-2:] == [
+        {"optional experiment": None}, {"optional experiment_method@method": "${experiment}/${method}"}]
 
 
 def sweep_jobs(name: str) -> set[tuple[str, ...]]:
@@ -138,6 +143,54 @@ def test_sam_table_runs_ten_seeds_of_every_baseline():
     params = sweep_params("sam_glue_superglue")
     assert params["seed"] == [str(s) for s in range(1, 11)]
     assert len(params["method"]) == 10 and {"superglue/cb", "superglue/copa", "superglue/wsc"} <= set(params["task"])
+
+
+def test_sam_table_is_the_published_code_s_protocol():
+    """scripts/train.sh and src/runner.py at ea1a73b of github.com/fuzihaofzh/AnalyzeParameterEfficientFinetune."""
+    sam = compose_job("sam_glue_superglue", ["task=glue/rte"])
+    m, t = sam.method, sam.trainer
+    assert (m.name, m.sparse_rate, m.burnin_steps, m.clip_burnin, m.scope, m.target_modules) == (
+        "sam", 0.005, 600, True, "per_tensor", "all_params")
+    assert (t.schedule, t.nominal_epochs, t.warmup_ratio, t.lr, t.weight_decay, t.max_grad_norm) == (
+        "linear_nominal", 10000, 0.1, 1e-4, 0.01, 1.0)
+    assert (t.batch_size, t.max_steps, t.eval_every, t.select_on, sam.task.max_length) == (
+        16, 20000, 500, "heldout", 256)
+    assert sam.data.heldout_size == 249  # RTE: the repository's val.jsonl, 10% of the 2490 training rows
+    magnitude = compose_job("sam_glue_superglue", ["method=magnitude"]).method
+    assert (magnitude.warmup_steps, magnitude.warmup_lr, magnitude.target_modules) == (499, None, "all_params")
+    assert compose_job("sam_glue_superglue", ["method=random_mask"]).method.target_modules == "all_params"
+    assert compose_job("sam_glue_superglue", ["method=fisher"]).method.clip_burnin is True
+    assert "burnin_steps" not in compose_job("sam_glue_superglue", ["method=full_ft"]).method
+    lrs = {compose_job("sam_glue_superglue", [f"method={name}"]).trainer.lr
+           for name in sweep_params("sam_glue_superglue")["method"]}
+    assert lrs == {1e-4}  # the one published command's rate, for every method
+
+
+def test_sift_run_shows_sam_s_published_rule():
+    out = subprocess.run([sys.executable, "-m", "sift_cli.run", "--cfg", "job", "experiment=sam_glue_superglue"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = yaml.safe_load(out.stdout)
+    assert {k: job["method"][k] for k in ("scope", "clip_burnin", "burnin_steps", "target_modules")} == {
+        "scope": "per_tensor", "clip_burnin": True, "burnin_steps": 600, "target_modules": "all_params"}
+    assert (job["trainer"]["schedule"], job["trainer"]["nominal_epochs"]) == ("linear_nominal", 10000)
+
+
+def test_sam_cpu_table_runs_every_method_at_one_rate_on_the_tasks_of_the_data_root():
+    params = sweep_params("sam_glue_superglue_cpu")
+    assert params["method"] == sweep_params("sam_glue_superglue")["method"] and len(params["seed"]) >= 3
+    rates = set()
+    for method in params["method"]:
+        job = compose_job("sam_glue_superglue_cpu", [f"method={method}"])
+        rates.add(job.trainer.lr)
+        assert job.trainer.schedule == "linear_nominal" and job.trainer.select_on == "heldout"
+    assert rates == {5e-4}
+    sam = compose_job("sam_glue_superglue_cpu", []).method
+    assert (sam.burnin_steps, sam.scope, sam.clip_burnin, sam.target_modules) == (30, "per_tensor", True, "all_params")
+    assert compose_job("sam_glue_superglue_cpu", ["method=magnitude"]).method.warmup_steps == 24
+    assert "glue/rte" not in params["task"] and not any(task.startswith("superglue/") for task in params["task"])
+    if REAL_DATA is not None:  # every task has its training rows in the data root
+        assert all(list((REAL_DATA / task).glob("train.*")) for task in params["task"])
 
 
 def test_design_spaces_groups_fit_each_model():

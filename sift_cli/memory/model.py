@@ -237,6 +237,17 @@ def embedding_params(arch: Architecture) -> int:
     return arch.hidden * (arch.vocab + arch.positions + arch.token_types)
 
 
+def pretrained_tensor_sizes(arch: Architecture) -> list[int]:
+    """The entries of every tensor that comes with the checkpoint (the task head left out), one per tensor:
+    what a sparse method with `target_modules=all_params` chooses from."""
+    h = arch.hidden
+    embeddings = [h * arch.vocab] + [h * n for n in (arch.positions, arch.token_types) if n]
+    norm = [h, h] if arch.family == "encoder" else [h]  # LayerNorm weight and bias, or RMSNorm weight
+    block = [size for lin in block_linears(arch) for size in [lin.fan_in * lin.fan_out] + [lin.fan_out] * lin.bias]
+    top = [size for lin in backbone_top_linears(arch) for size in [lin.fan_in * lin.fan_out] + [lin.fan_out] * lin.bias]
+    return embeddings + norm + (block + 2 * norm) * arch.layers + top
+
+
 def total_params(arch: Architecture, num_labels: int) -> int:
     block = sum(lin.params for lin in block_linears(arch)) + 2 * norm_params(arch)
     after = sum(lin.params for lin in backbone_top_linears(arch) + head_linears(arch, num_labels))
@@ -284,6 +295,10 @@ class Parts:
     def dense_modes(self) -> dict[str, str]:
         """Every linear layer trained densely (full fine-tuning)."""
         return {lin.name: "dense" for lin in self.blocks + self.top + self.head}
+
+    @property
+    def pretrained_tensor_sizes(self) -> list[int]:
+        return pretrained_tensor_sizes(self.arch)
 
     @property
     def everything(self) -> int:

@@ -2,15 +2,15 @@
 code: github.com/dguo98/DiffPruning), with the hard-concrete L0 relaxation of Louizos, Welling and
 Kingma ("Learning Sparse Neural Networks through L0 Regularization", ICLR 2018).
 
-Three phases, as in the published pipeline (run_glue_diffpruning.py, run_glue_mag.py,
+Three phases, as in Guo et al.'s pipeline (run_glue_diffpruning.py, run_glue_mag.py,
 run_glue_fixmask_finetune.py):
 
-1. L0 phase (`l0_steps` optimizer steps, inside selection): every target weight becomes W0 + z * w, with a
+1. L0 phase (`l0_steps` optimizer steps, inside selection): every target tensor becomes W0 + z * w, with a
    dense diff w (from 0) and a gate z ~ HardConcrete(log_alpha) per entry:
    s = sigmoid((log u - log(1 - u) + log_alpha) / temperature), z = clamp(s * (upper - lower) + lower, 0, 1).
    The loss is the task loss plus `sparsity_penalty` times the expected number of open gates,
    sum sigmoid(log_alpha - temperature * log(-lower / upper)). w (and the task head) train at `diff_lr`,
-   log_alpha at `alpha_lr` (the code's separate optimizer at 0.1).
+   log_alpha at `alpha_lr` (the code's separate optimizer at 0.1), with constant rates and no decay.
 2. Final top-k: the learned diff delta = z_hat * w, with the deterministic gate
    z_hat = clamp(sigmoid(log_alpha) * (upper - lower) + lower, 0, 1), keeps its floor(p * N) largest |delta|
    over all target tensors together (the code's magnitude pruning by a global threshold; it uses one
@@ -18,7 +18,18 @@ run_glue_fixmask_finetune.py):
 3. Fine-tuning with the mask fixed, on the sparse mechanism, starting from W0 + delta at the kept entries
    (and from the head of phase 1); the exported increment is relative to W0, so it includes delta.
 
-Phase 1 holds a dense diff, gate and their AdamW states for every target weight (six copies in float32).
+Phase 1 holds a dense diff, gate and their AdamW states for every target tensor (six copies in float32).
+
+This is not the variant behind the DiffPruning row of SAM's table (`diffprun` in src/runner.py of
+github.com/fuzihaofzh/AnalyzeParameterEfficientFinetune), which differs from Guo et al.'s, and so from this
+method, in that: it gates every parameter, the task head's too, so after its burn-in the head also trains
+at the kept share p only; the gate logits start at sigmoid(N(0, 1)), in (0, 1), not at a constant; the
+stretch is (-3, 3) and the penalty the mean, not the sum, of the open-gate probabilities, weighted 1; the
+burn-in (500 steps: 499 updates) trains w and the logits at the run's learning rate under its schedule
+(with the published schedule, nearly zero), with weight decay 0.01 on w; it keeps the top floor(p * n)
+entries of each tensor by |log_alpha|, not by |delta|; and the kept entries go on from W0 + w (the gate
+dropped) with the same optimizer. Any of these can change the numbers; the SAM table's row is not what
+this method reproduces.
 """
 
 import math
@@ -28,21 +39,21 @@ import torch
 import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sift_cli.methods import register_method
-from sift_cli.methods.base import is_count
-from sift_cli.methods.sparse import SparseMethod, SparseSettings, replace_module, select_top, train_briefly
+from sift_cli.methods.base import is_count, make_optimizer
+from sift_cli.methods.sparse import SparseMethod, SparseSettings, select_top, train_briefly
 
 
 class HardConcreteDiff(nn.Module):
-    """A linear layer computing with W0 + z * w during the L0 phase; W0 stays frozen."""
+    """A parametrization for the L0 phase: a frozen tensor W0 becomes W0 + z * w."""
 
-    def __init__(self, linear: nn.Linear, alpha_init: float, lower: float, upper: float, temperature: float):
+    def __init__(self, tensor: torch.Tensor, alpha_init: float, lower: float, upper: float, temperature: float):
         super().__init__()
-        self.linear = linear
         self.lower, self.upper, self.temperature = lower, upper, temperature
-        self.diff = nn.Parameter(torch.zeros_like(linear.weight, dtype=torch.float32))
-        self.log_alpha = nn.Parameter(torch.full_like(linear.weight, alpha_init, dtype=torch.float32))
+        self.diff = nn.Parameter(torch.zeros_like(tensor, dtype=torch.float32))
+        self.log_alpha = nn.Parameter(torch.full_like(tensor, alpha_init, dtype=torch.float32))
 
     def gate(self) -> torch.Tensor:
         """A sampled gate in training; Louizos et al.'s deterministic test-time gate z_hat otherwise."""
@@ -56,10 +67,8 @@ class HardConcreteDiff(nn.Module):
     def expected_open_gates(self) -> torch.Tensor:
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-self.lower / self.upper)).sum()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.linear.weight + self.gate() * self.diff
-        bias = self.linear.bias
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return original + (self.gate() * self.diff).to(original.dtype)
 
 
 @dataclass
@@ -96,31 +105,35 @@ class DiffPruning(SparseMethod):
     def choose(self, run, targets):
         cfg = self.cfg
         model = run.unwrapped_model
-        gated = {name: HardConcreteDiff(linear, float(cfg.alpha_init), float(cfg.concrete_lower),
-                                        float(cfg.concrete_upper), float(cfg.temperature)).to(linear.weight.device)
-                 for name, linear in targets.items()}
+        gated = {name: HardConcreteDiff(tensor, float(cfg.alpha_init), float(cfg.concrete_lower),
+                                        float(cfg.concrete_upper), float(cfg.temperature))
+                 for name, tensor in targets.items()}
         head = [p for name, p in model.named_parameters() if name in self.ctx.new_params]
         penalty = float(cfg.sparsity_penalty)
 
         def loss_of(batch):
-            return model(**batch).loss + penalty * sum(layer.expected_open_gates() for layer in gated.values())
+            return model(**batch).loss + penalty * sum(gate.expected_open_gates() for gate in gated.values())
 
-        for name, layer in gated.items():
-            replace_module(model, name, layer)
+        for name, gate in gated.items():
+            module_name, _, attr = name.rpartition(".")
+            parametrize.register_parametrization(model.get_submodule(module_name), attr, gate, unsafe=True)
         try:
-            train_briefly(run, [{"params": [g.diff for g in gated.values()] + head, "lr": float(cfg.diff_lr)},
-                                    {"params": [g.log_alpha for g in gated.values()], "lr": float(cfg.alpha_lr)}],
-                          int(cfg.l0_steps), loss_of)
+            optimizer = make_optimizer([
+                {"params": [g.diff for g in gated.values()] + head, "lr": float(cfg.diff_lr)},
+                {"params": [g.log_alpha for g in gated.values()], "lr": float(cfg.alpha_lr)}],
+                run.tcfg, weight_decay=0.0)
+            train_briefly(run, optimizer, int(cfg.l0_steps), loss_of)
         finally:
-            for name, linear in targets.items():
-                replace_module(model, name, linear)
+            for name in gated:
+                module_name, _, attr = name.rpartition(".")
+                parametrize.remove_parametrizations(model.get_submodule(module_name), attr, leave_parametrized=False)
         with torch.no_grad():  # z_hat, not a sampled z: the same on every process
-            gates = {name: layer.eval().gate() for name, layer in gated.items()}
+            gates = {name: gate.eval().gate() for name, gate in gated.items()}
             self.open_gates = int(sum(torch.count_nonzero(gate) for gate in gates.values()))
-            diffs = {name: gates.pop(name) * layer.diff for name, layer in gated.items()}
+            diffs = {name: gates.pop(name) * gate.diff for name, gate in gated.items()}
         gated.clear()  # frees the L0 phase's diffs and gate logits
         chosen = select_top({name: diff.abs() for name, diff in diffs.items()}, float(cfg.sparse_rate), "global")
-        # Sorted, as SparseLinear keeps its index, so the start values line up with it.
+        # Sorted, as the sparse layers keep their index, so the start values line up with it.
         chosen = {name: index.sort().values for name, index in chosen.items()}
         self.start_values = {name: diffs[name].view(-1)[index] for name, index in chosen.items()}
         return chosen

@@ -1,14 +1,16 @@
-"""Random masks (the "Random" sparse baseline of Fu et al., AAAI 2023, Table 1; the published code's
-`randmask`): fixed entries of each target weight drawn uniformly at random, with the same budget as SAM
-(floor(p * N) entries split over the tensors in proportion to their sizes). The draw uses its own
-generator seeded with the run's seed, so every process picks the same entries and the rest of the run's
-randomness is untouched.
+"""Random masks (the "Random" sparse baseline of Fu et al., AAAI 2023, Table 1), as the published code draws
+them (`randmask` in src/runner.py of github.com/fuzihaofzh/AnalyzeParameterEfficientFinetune): every entry
+of every target tensor is kept independently with probability `sparse_rate` (a Bernoulli draw), so a
+tensor keeps about p * n entries and the whole about p * N, not exactly floor(p * N) as SAM does; the
+memory plan counts the expected floor(p * N). The draw uses its own generator seeded with the run's seed,
+one uniform number per entry in the order of the model's parameters, so every process picks the same
+entries and the rest of the run's randomness is untouched.
 """
 
 import torch
 
 from sift_cli.methods import register_method
-from sift_cli.methods.sparse import SparseMethod, split_budget
+from sift_cli.methods.sparse import SparseMethod
 
 
 @register_method
@@ -17,6 +19,6 @@ class RandomMask(SparseMethod):
 
     def choose(self, run, targets):
         generator = torch.Generator().manual_seed(int(run.cfg.seed))
-        budgets = split_budget({name: m.weight.numel() for name, m in targets.items()}, float(self.cfg.sparse_rate))
-        return {name: torch.randperm(m.weight.numel(), generator=generator)[: budgets[name]].to(m.weight.device)
-                for name, m in targets.items()}
+        rate = float(self.cfg.sparse_rate)
+        return {name: torch.nonzero(torch.rand(tensor.numel(), generator=generator) < rate).reshape(-1)
+                .to(tensor.device) for name, tensor in targets.items()}

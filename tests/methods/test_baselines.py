@@ -113,12 +113,15 @@ def test_a_linear_probe_trains_the_new_head_only():
 
 
 def test_sgd_takes_plain_gradient_steps_for_any_method(tmp_path):
-    """trainer.optimizer=sgd: θ - lr (g + wd θ) on the decayed tensors, θ - lr g on the others, no momentum."""
+    """trainer.optimizer=sgd: θ - lr (g + wd θ) on the decayed tensors, θ - lr g on the others, no momentum
+    (SIFT's selected entries are decayed only with method.decay=weights)."""
     from tests.conftest import FAST, make_job
 
-    for method, settings in (("full_ft", []), ("sift", ["method.sparse_rate=0.05"])):
-        (tmp_path / method).mkdir()
-        job = make_job(tmp_path / method, [*FAST, f"method={method}", *settings, "trainer.optimizer=sgd",
+    for method, settings in (("full_ft", []), ("sift", ["method.sparse_rate=0.05", "method.decay=weights"]),
+                             ("sift", ["method.sparse_rate=0.05"])):
+        run_dir = tmp_path / f"{method}-{len(settings)}"
+        run_dir.mkdir()
+        job = make_job(run_dir, [*FAST, f"method={method}", *settings, "trainer.optimizer=sgd",
                                            "trainer.lr=0.5", "trainer.weight_decay=0.1", "trainer.schedule=constant",
                                            "trainer.warmup_ratio=0", "trainer.max_grad_norm=null"])
         trainer = job.trainer
@@ -131,6 +134,8 @@ def test_sgd_takes_plain_gradient_steps_for_any_method(tmp_path):
         trainer.gradient_callbacks.append(lambda t: grads.update({n: p.grad.clone() for n, p in params.items()}))
         trainer.train(until_step=1)
         for n, p in params.items():
-            decay = 0.0 if n.endswith("bias") or "LayerNorm" in n else 0.1
+            undecayed = (n.endswith("bias") or "LayerNorm" in n
+                         or (n.endswith(".values") and job.cfg.method.decay == "none"))
+            decay = 0.0 if undecayed else 0.1
             expected = before[n] - 0.5 * (grads[n] + decay * before[n])
             assert torch.allclose(p.detach(), expected, atol=1e-6), (method, n)

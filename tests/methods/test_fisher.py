@@ -3,38 +3,32 @@ gradient accumulation average their micro-batches first), and train only those."
 
 import torch
 
-from sift_cli.methods.sparse import split_budget
 from tests.conftest import make_job
-from tests.methods.sparse_helpers import (SETTING, assert_trains_only_its_entries, budget, index_sets,
-                                          per_batch_gradients, pretrained, top_sets)
-
-
-def chosen(job):
-    return index_sets({name: layer.index for name, layer in job.method.layers.items()})
+from tests.methods.sparse_helpers import (SETTING, assert_trains_only_its_entries, chosen, per_batch_gradients,
+                                          per_tensor_top, pretrained)
 
 
 def statistics(tmp_path):
-    """Per-tensor budgets, sum of squared batch gradients, and square of the summed batch gradients."""
+    """Sum of squared batch gradients, and square of the summed batch gradients."""
     grads = per_batch_gradients(tmp_path / "dense", 2)
-    shares = split_budget({n: g.numel() for n, g in grads[0].items()}, 0.02)
     fisher = {n: grads[0][n].square() + grads[1][n].square() for n in grads[0]}
     squared_sum = {n: (grads[0][n] + grads[1][n]).square() for n in grads[0]}
-    return shares, fisher, squared_sum
+    return fisher, squared_sum
 
 
 def test_selection_is_the_top_summed_squared_gradient_per_tensor(tmp_path):
-    shares, fisher, squared_sum = statistics(tmp_path)
+    fisher, squared_sum = statistics(tmp_path)
     job = make_job(tmp_path / "steps", [*SETTING, "method=fisher", "method.sparse_rate=0.02", "method.burnin_steps=2"])
-    assert chosen(job) == top_sets(fisher, shares.get)  # two steps of one batch: the squares add up
-    assert sum(len(s) for s in chosen(job).values()) == budget(0.02)
-    assert chosen(job) != top_sets(squared_sum, shares.get)  # SAM's statistic picks other entries here
+    assert chosen(job) == per_tensor_top(fisher, 0.02)  # two steps of one batch: the squares add up
+    assert sum(len(s) for s in chosen(job).values()) == 8 * 20  # floor(0.02 * 1024) of each of the 8 tensors
+    assert chosen(job) != per_tensor_top(squared_sum, 0.02)  # SAM's statistic picks other entries here
 
 
 def test_accumulated_micro_batches_make_one_step_gradient(tmp_path):
-    shares, fisher, squared_sum = statistics(tmp_path)
+    fisher, squared_sum = statistics(tmp_path)
     job = make_job(tmp_path / "accum", [*SETTING, "method=fisher", "method.sparse_rate=0.02", "method.burnin_steps=1",
                                         "trainer.grad_accum=2"])
-    assert chosen(job) == top_sets(squared_sum, shares.get)  # one step of two micro-batches: squared once
+    assert chosen(job) == per_tensor_top(squared_sum, 0.02)  # one step of two micro-batches: squared once
 
 
 def test_a_fisher_run_trains_only_its_entries_and_the_head(tmp_path):

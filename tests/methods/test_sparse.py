@@ -62,8 +62,10 @@ def train_sparse(model, layers, steps, lr=1e-2, weight_decay=0.1):
 
 
 def train_dense_restricted(model, indices, steps, lr=1e-2, weight_decay=0.1):
-    """The reference: dense gradients, then AdamW over the selected entries (and the head) only."""
-    weights = {name: m.weight for name, m in find_targets(model, TARGETS, {"classifier"}).items()}
+    """The reference: dense gradients, then AdamW over the selected entries (and the head) only. `indices`
+    name tensors, or linear layers for their weights."""
+    params = dict(model.named_parameters())
+    weights = {name: params[name] if name in params else params[f"{name}.weight"] for name in indices}
     selected = {name: torch.nn.Parameter(weights[name].detach().view(-1)[idx].clone()) for name, idx in indices.items()}
     head = [p for n, p in model.named_parameters() if n.startswith("classifier")]
     optimizer = torch.optim.AdamW([*selected.values(), *head], lr=lr, weight_decay=weight_decay)
@@ -157,7 +159,8 @@ def test_export_rebuilds_the_fine_tuned_model_from_the_pretrained_one():
     pretrained = copy.deepcopy(loaded.model)
     method = SIFT(compose_config(["method=sift"]).method)
     method.prepare(loaded.model, ModelContext(new_params=loaded.new_params))
-    method.layers = sparsify(loaded.model, random_indices(method.targets, 0.05), "sampled")
+    targets = find_targets(loaded.model, TARGETS, {"classifier"})  # layer names: an earlier export's keys
+    method.layers = sparsify(loaded.model, random_indices(targets, 0.05), "sampled")
     train_sparse(loaded.model, method.layers, steps=3)
     exported = method.export(loaded.model)
     assert set(exported) >= {"bert.encoder.layer.0.attention.self.query.sparse_index", "classifier.weight"}
@@ -167,3 +170,47 @@ def test_export_rebuilds_the_fine_tuned_model_from_the_pretrained_one():
     trained = dict(loaded.model.named_parameters())
     for name, param in rebuilt.named_parameters():
         torch.testing.assert_close(param, trained[name], rtol=0, atol=1e-7)
+
+
+def test_all_params_refuses_tied_weights_before_anything_loads():
+    from sift_cli.errors import SiftError
+    from sift_cli.run import check_config
+
+    # tiny-llama ties its output layer to its embedding, as SmolLM2 does
+    cfg = compose_config(["model=tiny-llama", "task=instruct/alpaca", "method=sift", "method.target_modules=all_params"])
+    with pytest.raises(SiftError, match="model.embed_tokens.weight is tied to another layer's weight"):
+        check_config(cfg)
+
+
+def test_every_kind_of_tensor_trains_as_a_dense_adamw_restricted_to_its_entries():
+    """With target_modules=all_params, biases, LayerNorm weights and embedding tables train through
+    SparseEntries (linear weights through SparseLinear, their biases too): n steps equal dense gradients and
+    AdamW over the selected entries, and the optimizer holds those entries and the head only."""
+    from types import SimpleNamespace
+
+    from sift_cli.methods.sift import SIFT
+    from sift_cli.methods.sparse import SparseEntries
+
+    loaded = tiny_model()
+    reference = copy.deepcopy(loaded.model)
+    method = SIFT(compose_config(["method=sift", "method.target_modules=all_params"]).method)
+    method.prepare(loaded.model, ModelContext(new_params=loaded.new_params))
+    gen = torch.Generator().manual_seed(3)
+    indices = {name: torch.randperm(t.numel(), generator=gen)[: max(1, t.numel() // 20)]
+               for name, t in method.targets.items()}
+    method.choose = lambda run, targets: indices
+    method.select(SimpleNamespace(unwrapped_model=loaded.model))
+    # (a SparseLinear whose bias is parametrized becomes a subclass, ParametrizedSparseLinear)
+    kinds = {kind.__name__ for layer in method.layers.values() for kind in (SparseLinear, SparseEntries)
+             if isinstance(layer, kind)}
+    assert kinds == {"SparseLinear", "SparseEntries"} and len(method.layers) == len(indices)
+    assert isinstance(method.layers["bert.encoder.layer.0.attention.self.query.bias"], SparseEntries)
+
+    trained = train_sparse(loaded.model, method.layers, steps=3)
+    train_dense_restricted(reference, indices, steps=3)
+    probe = next(batches(1, seed=9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**probe).logits, reference(**probe).logits, rtol=1e-4, atol=1e-5)
+    held = sum(state["exp_avg"].numel() for state in trained.state.values())
+    head = sum(p.numel() for n, p in loaded.model.named_parameters() if n.startswith("classifier"))
+    assert held == sum(idx.numel() for idx in indices.values()) + head

@@ -81,6 +81,9 @@ def validate(cfg: DictConfig) -> None:
     _choice(t.precision, "trainer.precision", PRECISIONS)
     _choice(t.device, "trainer.device", ("auto", "cpu"))
     _choice(t.get("optimizer", "adamw"), "trainer.optimizer", OPTIMIZERS)
+    for key, default in (("fused_optimizer", True), ("compile", False)):
+        value = t.get(key, default)
+        _need(isinstance(value, bool), f"trainer.{key} must be true or false, got {value!r}")
     _positive_int(d.k_shot, "data.k_shot", allow_null=True)
     _need(isinstance(d.seed, int) and d.seed >= 0, f"data.seed must be a non-negative integer, got {d.seed!r}")
     for key in ("max_train_samples", "max_eval_samples"):

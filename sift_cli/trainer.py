@@ -149,6 +149,8 @@ class Trainer:
         has chosen its trainable set (`Method.select`), before the first step."""
         if self._wrapped:
             return
+        if self.tcfg.get("compile", False):
+            self.model.compile()  # in place: parameter names, hooks and `unwrapped_model` stay as they were
         self.model = self.accelerator.prepare_model(self.model)
         self._wrapped = True
         if self.cfg.analysis.grad_sparsity:
@@ -225,32 +227,34 @@ class Trainer:
         self.optimizer = self.accelerator.prepare_optimizer(optimizer)
 
     def compute_loss(self, batch: dict) -> torch.Tensor:
-        loss = self.method.training_loss(self.context, batch)
-        if not torch.isfinite(loss.detach()).all():
-            raise TrainingDiverged(f"the training loss became {loss.item()} at step {self.step + 1}; run stopped")
-        return loss
+        return self.method.training_loss(self.context, batch)
 
     def micro_step(self, batch: dict) -> tuple[float, bool]:
         """Forward and backward of one batch, and the optimizer step once gradients are accumulated.
 
-        Returns the batch loss and whether an optimizer step happened.
+        Returns the batch loss and whether an optimizer step happened. The loss is read once, after the
+        step: on a GPU that is the step's only wait for the device, as in a plain loop. A loss that is not
+        finite stops the run there (its update is never kept: a failed run saves nothing).
         """
         with self.accelerator.accumulate(self.model):
             loss = self.compute_loss(batch)
             self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients:
+            stepped = self.accelerator.sync_gradients
+            if stepped:
                 if self.tcfg.max_grad_norm:
                     self.method.clip_gradients(self.context, float(self.tcfg.max_grad_norm))
                 for callback in self.gradient_callbacks:
                     callback(self)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if not self.accelerator.sync_gradients:
-            return loss.item(), False
-        self.scheduler.step()
-        self.step += 1
-        self.method.after_optimizer_step(self.context)
-        return loss.item(), True
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"the training loss became {value} at step {self.step + 1}; run stopped")
+        if stepped:
+            self.scheduler.step()
+            self.step += 1
+            self.method.after_optimizer_step(self.context)
+        return value, stepped
 
     def train(self, until_step: int | None = None) -> None:
         """Optimizer steps until `until_step` (default: the end of training); resumable by a later call."""

@@ -85,6 +85,8 @@ def test_task_files_state_their_protocol():
         ("trainer.nominal_epochs=100", "trainer.nominal_epochs=100 is used only by trainer.schedule=linear_nominal"),
         ("seed=-3", "seed"),
         ("trainer.optimizer=adam", "trainer.optimizer must be one of adamw, sgd"),
+        ("trainer.compile=yes", "trainer.compile must be true or false"),
+        ("trainer.fused_optimizer=1", "trainer.fused_optimizer must be true or false"),
     ],
 )
 def test_out_of_range_values_are_refused(override, message):

@@ -1,10 +1,13 @@
-"""The learning-rate schedules of the loop, read from the optimizer as the loop steps."""
+"""The training loop: its learning-rate schedules, read from the optimizer as the loop steps; its step, with
+the optimizer's fused kernel, one read of the loss, and `trainer.compile`."""
+
+import copy
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from sift_cli.errors import SiftError
+from sift_cli.errors import SiftError, TrainingDiverged
 from sift_cli.trainer import make_schedule
 from tests.conftest import FAST, make_job
 
@@ -50,3 +53,104 @@ def test_the_loop_runs_the_nominal_schedule(tmp_path):
     job.trainer.loop.train()
     # 8 rows in batches of 16: one step an epoch, 100 nominal steps, 50 of warm-up; after 3 steps: 3/50 of lr
     assert job.trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 3 / 50)
+
+
+@pytest.mark.parametrize("kind, reference_class", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_the_optimizer_is_fused_and_steps_as_torchs_per_tensor_one_does(tmp_path, kind, reference_class):
+    job = make_job(tmp_path, [*FAST, "method=full_ft", "trainer.weight_decay=0.1", "trainer.lr=1e-2",
+                              f"trainer.optimizer={kind}"])
+    trainer = job.trainer
+    trainer.ensure_optimizer()
+    fused = trainer.optimizer.optimizer
+    assert type(fused) is reference_class and fused.defaults["fused"] is True
+    model = trainer.unwrapped_model
+    # the reference: torch's per-tensor loop on a copy, with the same groups (decay and no decay)
+    twin = copy.deepcopy(model)
+    twin_params = dict(twin.named_parameters())
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")},
+               "params": [twin_params[names[id(p)]] for p in g["params"]]} for g in fused.param_groups]
+    reference = reference_class(groups, foreach=False, fused=False)
+    initial = {name: param.detach().clone() for name, param in model.named_parameters()}
+    assert {g["weight_decay"] for g in fused.param_groups} == {0.0, 0.1}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for name, param in model.named_parameters():
+            grad = torch.randn(param.shape, generator=generator)
+            param.grad, twin_params[name].grad = grad.clone(), grad.clone()
+        trainer.optimizer.step()
+        reference.step()
+    for name, param in model.named_parameters():
+        assert torch.allclose(param, twin_params[name], rtol=1e-5, atol=1e-7), name
+        assert not torch.equal(param, initial[name]), name
+
+
+def test_trainer_fused_optimizer_false_keeps_torchs_default(tmp_path):
+    job = make_job(tmp_path, [*FAST, "method=lora", "trainer.fused_optimizer=false"])
+    job.trainer.ensure_optimizer()
+    assert not job.trainer.optimizer.optimizer.defaults["fused"]
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_at_that_step(tmp_path):
+    job = make_job(tmp_path, [*FAST, "method=full_ft"])
+    trainer = job.trainer
+    trainer.ensure_optimizer()
+    loss, stepped = trainer.micro_step(trainer.next_batch())
+    assert stepped and trainer.step == 1 and loss > 0
+    with torch.no_grad():
+        trainer.unwrapped_model.classifier.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="became nan at step 2"):
+        trainer.micro_step(trainer.next_batch())
+    assert trainer.step == 1  # the diverged step is not counted
+
+
+def _trained(tmp_path, overrides):
+    """A run's trainable state before and after its three steps, and the run."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    job = make_job(tmp_path, [*FAST, *overrides])
+    before = job.method.trainable_state(job.trainer.unwrapped_model)
+    job.fit()
+    return before, job.method.trainable_state(job.trainer.unwrapped_model), job
+
+
+def _stepped(tmp_path, overrides, steps=3):
+    """The losses of a run's first `steps` optimizer steps, its trainable state after them, and the run."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    job = make_job(tmp_path, [*FAST, *overrides])
+    trainer = job.trainer
+    trainer.ensure_optimizer()
+    losses = [trainer.micro_step(trainer.next_batch())[0] for _ in range(steps)]
+    return losses, job.method.trainable_state(trainer.unwrapped_model), job
+
+
+def test_a_compiled_run_trains_as_the_eager_run_does(tmp_path):
+    """torch.compile with its default backend (inductor) on the real loop: with dropout off, the same losses
+    step by step and the same weights, to float rounding (inductor fuses and reorders the arithmetic)."""
+    no_dropout = ["method=full_ft", "model.dropout=0.0"]
+    eager_losses, eager, _ = _stepped(tmp_path / "eager", no_dropout)
+    torch._dynamo.reset()
+    losses, compiled, job = _stepped(tmp_path / "compiled", [*no_dropout, "trainer.compile=true"])
+    assert job.trainer.unwrapped_model._compiled_call_impl is not None  # compiled in place, names unchanged
+    assert set(compiled) == set(eager)
+    assert eager_losses[0] != eager_losses[2]  # the steps moved the weights
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    for name, value in eager.items():
+        assert torch.allclose(value, compiled[name], atol=1e-5), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "sift", "prefix"])
+def test_methods_with_their_own_machinery_train_compiled_as_they_train_eagerly(tmp_path, method, monkeypatch):
+    """peft's wrapper, SIFT's autograd function and a forward pre-hook with keyword arguments, captured by
+    dynamo (aot_eager: the same graphs without inductor's code generation, which the test above covers). With
+    dropout off, the compiled run's weights are the eager run's."""
+    no_dropout = ["+model.config.hidden_dropout_prob=0.0", "+model.config.attention_probs_dropout_prob=0.0"]
+    overrides = [f"method={method}", *no_dropout, *(["method.dropout=0.0"] if method == "lora" else [])]
+    _, eager, _ = _trained(tmp_path / "eager", overrides)
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    _, compiled, job = _trained(tmp_path / "compiled", [*overrides, "trainer.compile=true"])
+    assert job.trainer.unwrapped_model._compiled_call_impl is not None
+    for name, value in eager.items():
+        assert torch.allclose(value, compiled[name], atol=1e-5), name

@@ -89,6 +89,13 @@ def compare(row: dict, num_labels: int, method_overrides: dict) -> dict:
     out = {"model": row["model"], "method": row["method"], "batch": row["batch"], "seq": row["seq"],
            "params": (predicted.weights, row["param_bytes"]), "grads": (predicted.gradients, row["grad_bytes"]),
            "optimizer": (predicted.optimizer, row["optimizer_bytes"])}
+    if row.get("device") == "cuda" and row.get("peak_memory_bytes"):
+        # Autocast (fp32 weights, gradients and AdamW state, bf16 activations) is no setting of the model's:
+        # its peak is set against the fp32 and the bf16 predictions, which bracket it.
+        for precision in ("fp32", "bf16"):
+            gpu = replace(setting, device="cuda", precision=precision, adam_dtype="fp32")
+            out[f"peak_{precision}"] = (predict(load_architecture(row["model"]), row["method"], gpu,
+                                                method_overrides).total, row["peak_memory_bytes"])
     if counted:
         # a first step adds the activations, the gradients and the optimizer state to the loaded model
         step = predicted.activations + predicted.recompute + predicted.gradients + predicted.optimizer
@@ -100,22 +107,27 @@ def compare(row: dict, num_labels: int, method_overrides: dict) -> dict:
 
 
 VALIDATION_COLUMNS = ("params", "buffers", "grads", "optimizer", "activations", "step_live", "step_rss")
+GPU_COLUMNS = ("peak_fp32", "peak_bf16")
 
 
 def validation_markdown(compared: list[dict], command: str) -> str:
+    gpu = any(column in row for row in compared for column in GPU_COLUMNS)
+    columns = VALIDATION_COLUMNS + GPU_COLUMNS if gpu else VALIDATION_COLUMNS
     lines = [f"Command: `{command}`", "",
              "Each cell: predicted / measured MiB (relative error of the prediction). params, grads, optimizer: "
              "sift-bench's counts; buffers, activations: a first step's tensors counted (activations: saved for "
              "the backward); step_live, step_rss: how far live malloc bytes and RSS rise over the loaded model "
-             "during that step, against the predicted activations + gradients + optimizer state.", "",
-             "| model | method | batch x seq | " + " | ".join(VALIDATION_COLUMNS) + " |",
-             "|---|---|---|" + "---|" * len(VALIDATION_COLUMNS)]
+             "during that step, against the predicted activations + gradients + optimizer state."
+             + (" peak_fp32, peak_bf16: a GPU's peak allocated memory under bf16 autocast against the whole "
+                "step predicted in fp32 and in bf16." if gpu else ""), "",
+             "| model | method | batch x seq | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for row in compared:
         if "error" in row:
             lines.append(f"| {row['model']} | {row['method']} | | failed: {row['error']} |")
             continue
         cells = [f"{p / 2**20:.4g} / {m / 2**20:.4g} ({_pct(p, m)})" if m is not None else ""
-                 for p, m in (row.get(column, (None, None)) for column in VALIDATION_COLUMNS)]
+                 for p, m in (row.get(column, (None, None)) for column in columns)]
         lines.append(f"| {row['model']} | {row['method']} | {row['batch']} x {row['seq']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -142,7 +154,7 @@ def validate(args, command: str) -> tuple[list[dict], str]:
     """Measure (or read sift-bench's rows) and set every measured byte count against its prediction."""
     if args.bench_json:
         try:
-            rows = json.loads(args.bench_json.read_text())["rows"]
+            rows = [row for row in json.loads(args.bench_json.read_text())["rows"] if row.get("loop") != "plain"]
         except (OSError, ValueError, KeyError) as err:
             raise SiftError(f"cannot read sift-bench rows from {args.bench_json}: {_first_line(err)}") from None
     else:

@@ -34,20 +34,38 @@ def optimizer_bytes(optimizer) -> int:
                for state in optimizer.state.values())
 
 
+def compose_run(model: str, method: str, batch: int, overrides: list[str]):
+    """The config of `sift-run model=MODEL method=METHOD OVERRIDES` with batches of `batch` (a causal LM trains
+    on instructions unless OVERRIDES name a task; OVERRIDES may set that task's keys)."""
+    from sift_cli.config import compose
+
+    base = [f"model={model}", f"method={method}", "logger.mode=disabled", f"trainer.batch_size={batch}",
+            "trainer.grad_accum=1", *overrides]
+    named_task = any(o.startswith("task=") for o in overrides)
+    if not named_task and compose([f"model={model}"]).model.kind == "causal_lm":
+        base.insert(2, "task=instruct/alpaca")
+    return compose(base)
+
+
+def random_batch(vocab_size: int, num_labels: int | None, batch: int, seq: int, device) -> dict:
+    """A fixed batch of `batch` x `seq` random tokens, no padding: class labels, or (`num_labels` None) the
+    tokens themselves, as a causal LM trains."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(min(1000, vocab_size // 4), min(2000, vocab_size), (batch, seq), generator=generator)
+    labels = tokens.clone() if num_labels is None else torch.randint(0, num_labels, (batch,), generator=generator)
+    inputs = {"input_ids": tokens, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
 class StepHarness:
     """A run's trainer and a fixed random batch of `batch` x `seq` tokens, ready to step."""
 
     def __init__(self, trainer, batch: int, seq: int):
         self.trainer = trainer
         trainer.ensure_optimizer()
-        generator = torch.Generator().manual_seed(0)
-        model = trainer.unwrapped_model
-        vocab = model.config.vocab_size
-        tokens = torch.randint(min(1000, vocab // 4), min(2000, vocab), (batch, seq), generator=generator)
         causal = trainer.cfg.task.kind == "instruct"
-        labels = tokens.clone() if causal else torch.randint(0, trainer.task.num_labels, (batch,), generator=generator)
-        inputs = {"input_ids": tokens, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels}
-        self.inputs = {k: v.to(trainer.accelerator.device) for k, v in inputs.items()}
+        self.inputs = random_batch(trainer.unwrapped_model.config.vocab_size, None if causal else trainer.task.num_labels,
+                                   batch, seq, trainer.accelerator.device)
         self.grad_bytes = 0
         trainer.gradient_callbacks.append(self._count_gradients)
         trainer.model.train()
@@ -56,15 +74,10 @@ class StepHarness:
     def build(cls, model: str, method: str, batch: int, seq: int, overrides: list[str], scratch: Path) -> "StepHarness":
         """The run `sift-run model=MODEL method=METHOD OVERRIDES` would train, with batches of `batch` (a causal LM
         trains on instructions), set up in `scratch`."""
-        from sift_cli.config import compose
         from sift_cli.run import Job
         from sift_cli.tracking import Recorder
 
-        base = [f"model={model}", f"method={method}", "logger.mode=disabled", f"trainer.batch_size={batch}",
-                "trainer.grad_accum=1", *overrides]
-        if compose(base).model.kind == "causal_lm":
-            base.insert(2, "task=instruct/alpaca")
-        cfg = compose(base)  # the batch is made here: seq need not fit the task's data
+        cfg = compose_run(model, method, batch, overrides)  # the batch is made here: seq need not fit the data
         job = Job(cfg, scratch, None)
         job.setup()
         harness = cls(job.make_trainer(Recorder(scratch, cfg.logger, "measure", None, {})), batch, seq)
@@ -96,16 +109,41 @@ class StepHarness:
                 "optimizer_bytes": sum(optimizer_bytes(o) for o in self.optimizers())}
 
 
+def reset_peak_rss() -> bool:
+    """Set the kernel's high-water mark of this process's resident set to its current size (Linux 4.0+);
+    False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (VmHWM) since the last `reset_peak_rss`."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("/proc/self/status has no VmHWM")
+
+
 class PeakMemory:
-    """Peak memory while the block runs: max allocated on a GPU, sampled resident set size on a CPU."""
+    """Peak memory while the block runs: max allocated on a GPU; on a CPU the resident set's high-water mark,
+    which the kernel keeps at no cost to the block (timed steps run undisturbed), or where it cannot be
+    reset, the resident set size sampled by a thread."""
 
     def __init__(self, device):
         self.device = device
         self.peak = 0
+        self._thread = None
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        if reset_peak_rss():
             return self
         self._stop = threading.Event()
         self.peak = rss_bytes()
@@ -121,6 +159,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is None:
+            self.peak = peak_rss_bytes()
         else:
             self._stop.set()
             self._thread.join()

@@ -205,14 +205,28 @@ for _hook in HOOKS:
     setattr(Wrapper, _hook, _forward(_hook))
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_kernel(param_groups: list[dict], tcfg: DictConfig) -> bool | None:
+    """`fused=` for a torch optimizer over these groups: True (one kernel per step over all tensors, no
+    temporaries) when `trainer.fused_optimizer` is on and every parameter is a float tensor on a CPU or a GPU;
+    None (torch's default: tensor by tensor on a CPU, `foreach` on a GPU) otherwise. On a CPU the default's
+    per-tensor loop (`_single_tensor_adam`) was about a fifth of a MiniLM full fine-tuning step."""
+    params = [p for group in param_groups for p in group["params"]]
+    wanted = bool(tcfg.get("fused_optimizer", True)) and bool(params)
+    return True if wanted and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) else None
+
+
 def make_optimizer(groups: list[dict], tcfg: DictConfig, **defaults) -> torch.optim.Optimizer:
     """`trainer.optimizer` over `groups`, at `trainer.lr` where a group sets no lr of its own: AdamW, or plain
-    SGD (no momentum; weight decay added to the gradient), which the grafting code fine-tunes with."""
+    SGD (no momentum; weight decay added to the gradient), which the grafting code fine-tunes with; either
+    with its fused kernel where `fused_kernel` allows."""
     kind = tcfg.get("optimizer", "adamw")
     if kind not in OPTIMIZERS:
         raise SiftError(f"trainer.optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
     optimizer = torch.optim.SGD if kind == "sgd" else torch.optim.AdamW
-    return optimizer(groups, lr=float(tcfg.lr), **defaults)
+    return optimizer(groups, lr=float(tcfg.lr), **{"fused": fused_kernel(groups, tcfg), **defaults})
 
 
 def freeze_embeddings(model: torch.nn.Module) -> int:

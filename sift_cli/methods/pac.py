@@ -68,7 +68,8 @@ from torch.utils.data import DataLoader
 from sift_cli.context import FitResult
 from sift_cli.errors import SiftError
 from sift_cli.methods import register_method
-from sift_cli.methods.base import HOOKS, Wrapper, WrapperSettings, freeze_embeddings, is_count, make_optimizer
+from sift_cli.methods.base import (HOOKS, Wrapper, WrapperSettings, freeze_embeddings, fused_kernel, is_count,
+                                   make_optimizer)
 from sift_cli.models import set_dropout
 
 # The exponential-moment factor: E exp(γ(μ - ℓ)) ≤ exp(MOMENT γ² K²) gives the bound's MOMENT γ K² term.
@@ -293,7 +294,8 @@ class PACTuning(Wrapper):
                 lrs = (self._new_noise_lr(1),) * 2 if is_new else (self.cfg.noise_lr, self.cfg.prior_lr)
                 noise_groups.append({"params": log_stds, "lr": lrs[0], "is_new": is_new})
                 noise_groups.append({"params": [self.prior_log_std[is_new]], "lr": lrs[1], "is_new": is_new})
-        self._noise_optimizer = torch.optim.Adam(noise_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        self._noise_optimizer = torch.optim.Adam(noise_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                                 fused=fused_kernel(noise_groups, tcfg))
         return make_optimizer(groups, tcfg)
 
     def own_optimizers(self):

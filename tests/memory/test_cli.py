@@ -43,3 +43,24 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("sift-memory: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_gpu_row_sets_its_peak_against_the_fp32_and_bf16_predictions(capsys):
+    """A sift-bench row measured on a GPU under bf16 autocast: its peak allocated memory is set against the
+    whole step predicted in fp32 and in bf16 (as `sift-memory --device cuda` predicts it), a CPU row's is not."""
+    from sift_cli.memory.cli import compare, validation_markdown
+
+    row = {"model": "tiny-bert", "method": "full_ft", "batch": 2, "seq": 16, "param_bytes": 4045704,
+           "grad_bytes": 4045704, "optimizer_bytes": 8091408, "device": "cuda", "peak_memory_bytes": 20 * 2**20}
+    predicted = {}
+    for precision in ("fp32", "bf16"):
+        main(["--model", "tiny-bert", "--method", "full_ft", "--batch", "2", "--seq", "16", "--precision", precision,
+              "--device", "cuda", "--adam-dtype", "fp32", "--format", "json"])
+        predicted[precision] = json.loads(capsys.readouterr().out)["total"]
+    compared = compare(row, 2, {})
+    assert compared["peak_fp32"] == (predicted["fp32"], row["peak_memory_bytes"])
+    assert compared["peak_bf16"] == (predicted["bf16"], row["peak_memory_bytes"])
+    assert predicted["bf16"] < predicted["fp32"]
+    assert "peak_bf16" in validation_markdown([compared], "sift-memory --validate")
+    cpu = compare({**row, "device": "cpu"}, 2, {})
+    assert "peak_fp32" not in cpu and "peak_bf16" not in validation_markdown([cpu], "sift-memory --validate")

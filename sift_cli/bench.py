@@ -7,7 +7,8 @@ then times optimizer steps on a fixed random batch. Reported per method: median 
 during the steps (resident set size on a CPU, max allocated on a GPU), bytes held by parameters,
 gradients and optimizer state (with the tensors a method trains by its own optimizer, such as PAC's noise
 scales), and trainable parameters. Full fine-tuning's achieved FLOP/s is set against a matrix-multiply peak
-measured on the same machine.
+measured on the same machine. `--eval` adds, per model and method, the peak memory and time of evaluating each
+of the run's test sets, in a fresh process before any training step.
 
 `--peers` measures plain loops beside ours (sift_cli/peers.py: a transformers loop for full fine-tuning, a
 peft loop for LoRA, on the same config and batch, each in a fresh process too) and prints each method's
@@ -117,6 +118,33 @@ def measure(model: str, method: str, batch: int, seq: int, steps: int, warmup: i
         }
 
 
+def measure_evaluation(model: str, method: str, overrides: list[str]) -> list[dict]:
+    """Each of the run's test sets evaluated once, in this process, before any training step: peak memory
+    (resident set size on a CPU, max allocated on a GPU, as for a step) and seconds."""
+    import torch
+
+    from sift_cli.batching import eval_tokens
+    from sift_cli.memory.measure import PeakMemory, StepHarness, release_freed
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = StepHarness.build(model, method, 1, 8, overrides, Path(scratch)).trainer
+        device = trainer.accelerator.device
+        for eval_set in trainer.data.tests:
+            release_freed()
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                trainer.evaluate(eval_set)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+            rows.append({"model": model, "method": method, "eval_set": eval_set.split,
+                         "rows": len(eval_set.dataset), "eval_tokens": eval_tokens(trainer.tcfg, device.type),
+                         "eval_batch_size": trainer.tcfg.eval_batch_size, "device": device.type, "eval_s": seconds,
+                         "eval_peak_memory_bytes": memory.peak})
+    return rows
+
+
 RATIO_KEYS = ("step_s", "peak_memory_bytes", "grad_bytes", "optimizer_bytes", "trainable_params")
 PEER_KEYS = ("step_s", "cpu_s", "peak_memory_bytes")
 
@@ -219,17 +247,33 @@ def markdown(rows: list[dict], peak_flops: float, command: str, peak_of: str = "
     return "\n".join(lines) + "\n"
 
 
-def _run_worker(model: str, method: str, loop: str, args) -> dict:
+def eval_markdown(rows: list[dict]) -> str:
+    lines = ["Evaluation of each test set once, before training, in a fresh process: peak memory as for a step.", "",
+             "| model | method | evaluation set | rows | eval_tokens | eval_batch_size | time (s) | peak memory (MB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['method']} | failed: {row['error']} | | | | | |")
+            continue
+        lines.append(f"| {row['model']} | {row['method']} | {row['eval_set']} | {row['rows']} | {row['eval_tokens']} | "
+                     f"{row['eval_batch_size'] or '-'} | {row['eval_s']:.1f} | {_mb(row['eval_peak_memory_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _run_worker(model: str, method: str, loop: str, args, evaluation: bool = False):
     command = [sys.executable, "-m", "sift_cli.bench", "--worker", "--loop", loop, "--models", model,
                "--methods", method, "--batch", str(args.batch), "--seqs", str(args.seqs[0]), "--steps",
                str(args.steps), "--warmup", str(args.warmup), *[f"--override={o}" for o in args.override]]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if evaluation:
+        command.append("--eval")
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         reason = (out.stderr.strip().splitlines() or ["exit code %d" % out.returncode])[-1]
-        return {"model": model, "method": method, "loop": loop, "seq": args.seqs[0], "batch": args.batch,
-                "error": reason[:200]}
+        failed = {"model": model, "method": method, "loop": loop, "seq": args.seqs[0], "batch": args.batch,
+                  "error": reason[:200]}
+        return [failed] if evaluation else failed
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -279,6 +323,8 @@ def main(argv=None) -> None:
                         help="measure every job this many times, alternating, and report the medians")
     parser.add_argument("--threads", type=int, default=None, help="torch threads in each measuring process")
     parser.add_argument("--override", action="append", default=[], help="an extra config override")
+    parser.add_argument("--eval", action="store_true",
+                        help="also measure evaluating each of the run's test sets (peak memory and time)")
     parser.add_argument("--output", type=Path, default=None, help="write JSON and Markdown here (a folder)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--loop", choices=("ours", "plain"), default="ours", help=argparse.SUPPRESS)
@@ -288,8 +334,11 @@ def main(argv=None) -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = measure(args.models[0], args.methods[0], args.batch, args.seqs[0], args.steps, args.warmup,
-                         args.override, loop=args.loop)
+        if args.eval:
+            result = measure_evaluation(args.models[0], args.methods[0], args.override)
+        else:
+            result = measure(args.models[0], args.methods[0], args.batch, args.seqs[0], args.steps, args.warmup,
+                             args.override, loop=args.loop)
         print(json.dumps(result))
         return
     order = jobs(args.models, args.seqs, args.methods, args.peers)
@@ -312,14 +361,21 @@ def main(argv=None) -> None:
     bf16 = any(row.get("precision") == "bf16" for row in measured)
     peak, peak_of = matmul_peak_flops("cuda" if gpu else "cpu", "bf16" if bf16 else "fp32")
     command = "sift-bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = markdown(rows, peak, command, peak_of)
+    eval_rows = []
+    if args.eval:
+        for model in args.models:
+            for method in ["full_ft"] + [m for m in args.methods if m != "full_ft"]:
+                eval_rows += _run_worker(model, method, "ours", args, evaluation=True)
+                print(f"{model} {method}: evaluation measured", file=sys.stderr, flush=True)
+    report = markdown(rows, peak, command, peak_of) + ("\n" + eval_markdown(eval_rows) if args.eval else "")
     print(report)
     if args.output:
         from sift_cli.results import write_bytes_atomic, write_json_atomic
 
         args.output.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.output / "bench.json", {"matmul_peak_flops": peak, "matmul_peak_of": peak_of,
-                                                        "rows": rows, "command": command})
+                                                        "rows": rows, "eval_rows": eval_rows,
+                                                        "command": command})
         write_bytes_atomic(args.output / "bench.md", report.encode())
 
 

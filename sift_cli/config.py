@@ -59,9 +59,13 @@ def validate(cfg: DictConfig) -> None:
     t, d, m = cfg.trainer, cfg.data, cfg.model
     _need(isinstance(cfg.seed, int) and cfg.seed >= 0, f"seed must be a non-negative integer, got {cfg.seed!r}")
     _need(isinstance(t.lr, (int, float)) and t.lr > 0, f"trainer.lr must be > 0, got {t.lr!r}")
-    for key in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
+    for key in ("batch_size", "grad_accum", "log_every"):
         _positive_int(t[key], f"trainer.{key}")
-    for key in ("max_steps", "eval_every"):
+    _need(t.eval_tokens == "auto" or (isinstance(t.eval_tokens, int) and not isinstance(t.eval_tokens, bool)
+                                      and t.eval_tokens >= 1),
+          f"trainer.eval_tokens must be a positive integer or auto, got {t.eval_tokens!r}")
+    _need(isinstance(t.memory_check, bool), f"trainer.memory_check must be true or false, got {t.memory_check!r}")
+    for key in ("max_steps", "eval_every", "eval_batch_size"):
         _positive_int(t[key], f"trainer.{key}", allow_null=True)
     if t.max_steps is None:
         _positive_int(t.epochs, "trainer.epochs")

@@ -118,6 +118,12 @@ class RunContext:
         """The first `count` training batches, the ones training starts with, without consuming them."""
         return self._trainer.first_batches(count)
 
+    def eval_batches(self, dataset, desc: str, collator=None) -> Iterator[tuple[list[int], dict]]:
+        """This process's share of an evaluation set as (row indices, batch on the device), in batches of at
+        most trainer.eval_tokens tokens, longest rows first (sift_cli/batching.py); a batch that only evens
+        the processes' counts comes with no indices, and its results must be left out."""
+        return self._trainer.eval_batches(dataset, desc, collator)
+
     def predict(self, eval_set: "EvalSet") -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and labels of an evaluation set, gathered from every process (no time is charged)."""
         return self._trainer.predict(eval_set)

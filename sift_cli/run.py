@@ -84,6 +84,7 @@ class Job:
         import torch
         from accelerate.utils import set_seed
 
+        from sift_cli.memory.check import check_memory
         from sift_cli.methods import ModelContext
         from sift_cli.models import load_tokenizer
         from sift_cli.tasks import build_task
@@ -92,11 +93,14 @@ class Job:
         cfg = self.cfg
         self.method = check_config(cfg)
         self.accelerator = make_accelerator(cfg.trainer)
+        device, processes = self.accelerator.device, self.accelerator.num_processes
+        check_memory(cfg, self.method, device, processes)  # what any run of this config needs, before the data
         set_seed(int(cfg.seed), deterministic=self.accelerator.device.type == "cpu")
         torch.use_deterministic_algorithms(False)
         tokenizer = load_tokenizer(cfg.model)
         self.task = build_task(cfg, tokenizer)
         self.data = self.task.load()
+        check_memory(cfg, self.method, device, processes, self.data.train)  # with the longest training row
         loaded = self.task.load_model(cfg.model, int(cfg.seed))
         self.total_params = loaded.total_params
         ctx = ModelContext(new_params=loaded.new_params, task_kind=cfg.task.kind)

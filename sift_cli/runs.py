@@ -20,7 +20,7 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 FINGERPRINT_FILE = "fingerprint"
 _NOT_IN_FINGERPRINT = ("logger", "resume", "skip_completed", "runs_dir")
-_TRAINER_NOT_IN_FINGERPRINT = ("progress_bar", "checkpoint_every", "eval_batch_size")
+_TRAINER_NOT_IN_FINGERPRINT = ("progress_bar", "checkpoint_every", "eval_batch_size", "eval_tokens", "memory_check")
 
 
 def fingerprint(cfg: DictConfig) -> str:

@@ -17,16 +17,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, gather_object
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
+from sift_cli.batching import eval_tokens, restore_order, row_widths, shard, token_batches
 from sift_cli.context import FitResult, Loop, RunContext
 from sift_cli.errors import Interrupted, SiftError, TrainingDiverged
 from sift_cli.results import write_bytes_atomic
@@ -137,7 +139,7 @@ class Trainer:
         self.train_time_s = 0.0
         self.eval_time_s = 0.0
         self._stream = self._batches()
-        self._eval_loaders: dict[str, DataLoader] = {}
+        self._eval_plans: dict[int, tuple] = {}  # evaluation set -> (the set, its batches)
         show = self.tcfg.progress_bar
         self.show_progress = (sys.stderr.isatty() if show == "auto" else bool(show)) and accelerator.is_main_process
         self.context = RunContext(self)  # what the method's hooks and the task's evaluation see
@@ -345,28 +347,40 @@ class Trainer:
             log.info("step %d: checkpoint saved", self.step)
 
     # ---- evaluation --------------------------------------------------------------------------------
-    def _loader(self, eval_set: EvalSet) -> DataLoader:
-        key = f"{eval_set.split}{eval_set.suffix}"
-        if key not in self._eval_loaders:
-            loader = DataLoader(eval_set.dataset, batch_size=int(self.tcfg.eval_batch_size),
-                                collate_fn=self.data.collator)
-            self._eval_loaders[key] = self.accelerator.prepare_data_loader(loader)
-        return self._eval_loaders[key]
+    def eval_batches(self, dataset, desc: str, collator=None) -> Iterator[tuple[list[int], dict]]:
+        """This process's share of an evaluation set as (row indices, batch on the device), in batches of at
+        most trainer.eval_tokens tokens (sift_cli/batching.py). Every process gets as many batches: one that
+        only evens the count comes with no indices, and its results must be left out."""
+        key = id(dataset)
+        if key not in self._eval_plans:
+            widths, counts = row_widths(dataset.with_format(None)["input_ids"])
+            budget = eval_tokens(self.tcfg, self.accelerator.device.type)
+            max_rows = int(self.tcfg.eval_batch_size) if self.tcfg.eval_batch_size else None
+            self._eval_plans[key] = (dataset, token_batches(widths, budget, max_rows, counts))
+        share = shard(self._eval_plans[key][1], self.accelerator.process_index, self.accelerator.num_processes)
+        loader = DataLoader(dataset, batch_sampler=[rows for rows, _ in share],
+                            collate_fn=collator or self.data.collator)
+        device = self.accelerator.device
+        batches = tqdm(loader, desc=desc, leave=False, disable=not self.show_progress)
+        for (rows, counted), batch in zip(share, batches):
+            yield rows if counted else [], {name: value.to(device) for name, value in batch.items()}
 
     @torch.no_grad()
     def predict(self, eval_set: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and labels of a whole evaluation set, gathered from every process."""
+        """Logits and labels of a whole evaluation set in its order, gathered from every process once."""
         was_training = self.model.training
         self.model.eval()
-        logits, labels = [], []
-        for batch in tqdm(self._loader(eval_set), desc=f"eval {eval_set.split}", leave=False,
-                          disable=not self.show_progress):
-            out = self.model(**batch)
-            gathered = self.accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
-            logits.append(gathered[0].cpu())
-            labels.append(gathered[1].cpu())
+        parts = []
+        for indices, batch in self.eval_batches(eval_set.dataset, f"eval {eval_set.split}"):
+            logits = self.model(**batch).logits.float().cpu()
+            if indices:
+                parts.append((indices, logits, batch["labels"].cpu()))
         self.model.train(was_training)
-        return torch.cat(logits), torch.cat(labels)
+        if self.accelerator.num_processes > 1:
+            parts = gather_object(parts)
+        indices = [p[0] for p in parts]
+        size = len(eval_set.dataset)
+        return restore_order(indices, [p[1] for p in parts], size), restore_order(indices, [p[2] for p in parts], size)
 
     def evaluate(self, eval_set: EvalSet) -> dict[str, float]:
         """Metrics of one evaluation set; the task decides how it is scored."""

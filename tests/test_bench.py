@@ -7,7 +7,8 @@ import json
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from sift_cli.bench import add_peer_ratios, add_ratios, jobs, main, markdown, measure, merge_rounds
+from sift_cli.bench import (add_peer_ratios, add_ratios, eval_markdown, jobs, main, markdown, measure,
+                             measure_evaluation, merge_rounds)
 from tests.conftest import FIXTURES
 from tests.tasks.instruct_helpers import make_data_root
 
@@ -124,3 +125,13 @@ def test_sift_bench_peers_measures_both_loops_in_one_invocation(tmp_path, capsys
     assert ours_lora["step_s_vs_peer"] == pytest.approx(ours_lora["step_s"] / rows[2]["step_s"])
     table = (tmp_path / "bench.md").read_text()
     assert "| tiny-bert | 16 | plain peft loop, lora |" in table and "| plain lora |" in table
+
+
+def test_evaluation_is_measured_per_test_set(tmp_path):
+    root = make_data_root(tmp_path / "data")
+    GlobalHydra.instance().clear()
+    rows = measure_evaluation("tiny-llama", "lora", [f"data.dir={root}", "data.heldout_size=4",
+                                                     "task.eval.generations.prompts=[]", "trainer.eval_tokens=256"])
+    assert [row["eval_set"] for row in rows] == ["heldout", "mmlu_0shot", "mmlu_5shot"]
+    assert all(row["eval_peak_memory_bytes"] > 0 and row["eval_s"] > 0 and row["eval_tokens"] == 256 for row in rows)
+    assert "| tiny-llama | lora | mmlu_5shot | 4 | 256 | - |" in eval_markdown(rows)

@@ -1,5 +1,6 @@
 """The training loop: its learning-rate schedules, read from the optimizer as the loop steps; its step, with
-the optimizer's fused kernel, one read of the loss, and `trainer.compile`."""
+the optimizer's fused kernel, one read of the loss, and `trainer.compile`; its evaluation in
+token-budget batches, in the order of the set."""
 
 import copy
 
@@ -154,3 +155,46 @@ def test_methods_with_their_own_machinery_train_compiled_as_they_train_eagerly(t
     assert job.trainer.unwrapped_model._compiled_call_impl is not None
     for name, value in eager.items():
         assert torch.allclose(value, compiled[name], atol=1e-5), name
+
+
+def forward_shapes(model) -> tuple[list, object]:
+    """The input_ids shapes the model sees, recorded by a forward pre-hook (and the hook, to remove)."""
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    return shapes, hook
+
+
+@pytest.mark.parametrize("budget", [1, 40, 200, 100000])
+def test_predictions_are_those_of_each_row_alone_in_the_order_of_the_set(tmp_path, budget):
+    job = make_job(tmp_path, [*FAST, "task=glue/mrpc", "method=lora", f"trainer.eval_tokens={budget}"])
+    trainer, dataset = job.trainer, job.data.tests[0].dataset
+    model = trainer.unwrapped_model
+    with torch.no_grad():  # LoRA's B is zero at the start: make the adapters matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    shapes, hook = forward_shapes(model)
+    logits, labels = trainer.predict(job.data.tests[0])
+    hook.remove()
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model(**job.data.collator([dataset[i]])).logits for i in range(len(dataset))])
+    assert labels.tolist() == dataset.with_format(None)["labels"]
+    assert logits == pytest.approx(alone, abs=1e-5)
+    assert sum(rows for rows, _ in shapes) == len(dataset)
+    assert all(rows * width <= budget or rows == 1 for rows, width in shapes)
+    widths = [width for _, width in shapes]
+    assert widths == sorted(widths, reverse=True)  # the longest rows first
+    if budget == 1:
+        assert len(shapes) == len(dataset)
+    if budget == 100000:
+        assert len(shapes) == 1
+
+
+def test_eval_batch_size_still_caps_the_rows(tmp_path):
+    job = make_job(tmp_path, [*FAST, "task=glue/mrpc", "trainer.eval_batch_size=3"])
+    shapes, hook = forward_shapes(job.trainer.unwrapped_model)
+    job.trainer.predict(job.data.tests[0])
+    hook.remove()
+    assert max(rows for rows, _ in shapes) == 3 and sum(rows for rows, _ in shapes) == len(job.data.tests[0].dataset)

@@ -240,6 +240,13 @@ def _allocated_bytes(libc) -> int:
     return info.uordblks + info.hblkhd
 
 
+def release_freed() -> None:
+    """Give memory that malloc keeps after frees back to the system, so that RSS starts at the live memory."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
 class StepPeaks:
     """Increase of RSS and of live malloc bytes over their values at the start, sampled while the block runs."""
 
@@ -251,8 +258,7 @@ class StepPeaks:
         return rss_bytes(), _allocated_bytes(self.libc) if self.libc else None
 
     def __enter__(self):
-        if self.libc:
-            self.libc.malloc_trim(0)  # freed heap back to the system: RSS starts at the live memory
+        release_freed()
         self._start = self._sample()
         self._peak = list(self._start)
         self._stop = threading.Event()

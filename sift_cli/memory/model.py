@@ -5,7 +5,8 @@ Parts (bytes; GiB = 2^30 bytes, what torch reports, and what the SIFT paper's "G
 weights (with the parameters a method adds: LoRA, adapters, sparse values), buffers (sparse indices and
 copies of pre-trained weights), gradients, master weights (optional), AdamW's m and v, and activations
 (sift_cli/memory/activations.py): the tensors autograd keeps for the backward at the end of the forward,
-plus, under gradient checkpointing, the one block rebuilt during the backward.
+plus, under gradient checkpointing, the one block rebuilt during the backward. `evaluation_bytes` is the
+transient of a forward pass without gradients over one evaluation batch (trainer.eval_tokens tokens).
 """
 
 from __future__ import annotations
@@ -357,6 +358,20 @@ def predict(arch: Architecture, method, setting: Setting, method_overrides: dict
         trainable_params=sum(n for n, _ in plan.trainable),
         total_params=everything,
     )
+
+
+def evaluation_bytes(arch: Architecture, tokens: int, precision: str, logit_positions: int) -> int:
+    """The widest moment of a forward pass without gradients over one evaluation batch of `tokens` tokens:
+    nothing is kept for a backward, so a block's tensors are freed as it goes. Counted: the residual
+    stream, the normed input and the attention's query, output and projection (PyTorch's fused attention keeps
+    no sequence x sequence scores, on a CPU too), or the MLP's widest moment (a gated MLP holds the SiLU of the
+    gate, the up-projection and their product; a GELU MLP its input and output); a language model adds the
+    fp32 logits of `logit_positions` positions and their log-softmax (sift_cli/batching.py)."""
+    act = DTYPE_BYTES[precision]
+    mlp = 3 * arch.intermediate if arch.family == "decoder" else 2 * arch.intermediate
+    widest = act * tokens * (2 * arch.hidden + max(mlp, 3 * arch.hidden + 2 * arch.kv_width))
+    logits = (act + 2 * 4) * logit_positions * arch.vocab if arch.family == "decoder" else 0
+    return widest + logits
 
 
 def _check_setting(setting: Setting) -> None:

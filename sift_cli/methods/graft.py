@@ -600,8 +600,8 @@ def fit_linear_probe(run, layer: torch.nn.Linear) -> dict:
     was_training = model.training
     model.eval()
     try:
-        for batch in DataLoader(run.data.train, batch_size=int(run.tcfg.eval_batch_size),
-                                collate_fn=run.data.collator):
+        rows = int(run.tcfg.eval_batch_size or run.tcfg.batch_size)  # the training batch unless a cap is set
+        for batch in DataLoader(run.data.train, batch_size=rows, collate_fn=run.data.collator):
             model(**{key: value.to(run.device) for key, value in batch.items()})
             labels.append(batch["labels"].cpu())
     finally:

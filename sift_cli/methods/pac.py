@@ -408,8 +408,9 @@ class PACTuning(Wrapper):
         """K at each prior std of the grid, from the losses of random models around θ0 (before training)."""
         started = time.perf_counter()
         cfg = self.cfg
-        loader = run.accelerator.prepare_data_loader(DataLoader(
-            run.data.train, batch_size=int(run.tcfg.eval_batch_size), collate_fn=run.data.collator))
+        rows = int(run.tcfg.eval_batch_size or run.tcfg.batch_size)  # the training batch unless a cap is set
+        loader = run.accelerator.prepare_data_loader(DataLoader(run.data.train, batch_size=rows,
+                                                                collate_fn=run.data.collator))
         device = run.device
         stds = torch.exp(torch.linspace(*map(float, cfg.k_log_prior_std), int(cfg.k_prior_points), dtype=torch.float64))
         gammas = torch.exp(torch.linspace(math.log(cfg.gamma_min), math.log(cfg.gamma_max), int(cfg.k_gamma_points),

@@ -12,8 +12,8 @@ own labels.
 
 Evaluations, one EvalSet each, marked by `run`:
 - `heldout` (loss): response loss and perplexity on data.heldout_size held-out rows (also the selection set),
-  token-weighted over the set; every process takes its share of accelerate's even batches and the per-row
-  sums are gathered with gather_for_metrics.
+  token-weighted over the set; every process sums over its share of the token-budget batches
+  (sift_cli/batching.py), with full-vocabulary logits for response positions only, and the sums are gathered.
 - `mmlu_Kshot`, `humaneval`: each process scores its share of the questions or problems with the unwrapped
   model (no collective inside a forward pass), and the answers are gathered to every process (gather_object),
   so every process returns the same metrics.
@@ -38,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from datasets import Dataset
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
+from sift_cli.batching import eval_tokens, logit_positions
 from sift_cli.data import split_off
 from sift_cli.errors import SiftError
 from sift_cli.models import load_causal_lm
@@ -190,6 +190,28 @@ def read_instructions(task, data_dir: str | None) -> tuple[list[dict], str]:
     return rows, source
 
 
+# ---- evaluation ------------------------------------------------------------------------------------------
+def response_loss_sums(model, batch: dict, chunk: int) -> torch.Tensor:
+    """The summed loss of a batch's response tokens and their count (float64). The language-model head runs
+    only on the positions that predict a response token, `chunk` of them at a time, so the full-vocabulary
+    logits of prompts, padding and the whole batch are never made at once."""
+    captured = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:  # the decoder's last hidden states; the model's own head computes the last position only
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+    finally:
+        hook.remove()
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE
+    hidden, targets = captured[0][:, :-1][scored], targets[scored]
+    head = model.get_output_embeddings()
+    total = torch.zeros((), dtype=torch.float64, device=targets.device)
+    for start in range(0, len(targets), chunk):
+        logits = head(hidden[start:start + chunk]).float()
+        total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").double()
+    return torch.stack([total, scored.sum().double()])
+
+
 # ---- generation ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompt: str, max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
@@ -240,7 +262,6 @@ class InstructTask:
                             f"got {self.eval_cfg.mmlu.prompt_style!r}")
         self.run_humaneval = humaneval.execution_allowed(self.eval_cfg.humaneval)
         self.collator = CausalCollator(tokenizer.pad_token_id)
-        self._loaders: dict[str, DataLoader] = {}  # evaluation loaders, prepared once
         # `auto` is `last`: instruction tuning trains a fixed number of steps, as the SIFT paper does.
         self.select_on = resolve_select_on(
             cfg, "last", ("validation", "heldout", "last"),
@@ -356,19 +377,14 @@ class InstructTask:
     @torch.no_grad()
     def _heldout_loss(self, run, eval_set: InstructEvalSet) -> dict[str, float]:
         """Mean response-token loss over the whole set (not over batches) and its exponential."""
-        if eval_set.split not in self._loaders:
-            loader = DataLoader(eval_set.dataset, batch_size=int(run.tcfg.eval_batch_size),
-                                collate_fn=self.collator)
-            self._loaders[eval_set.split] = run.accelerator.prepare_data_loader(loader)
+        model = run.unwrapped_model
+        chunk = logit_positions(model.config.vocab_size)
         totals = torch.zeros(2, dtype=torch.float64)
-        for batch in tqdm(self._loaders[eval_set.split], desc=f"eval {eval_set.split}", leave=False,
-                          disable=not run.show_progress):
-            labels = batch.pop("labels")[:, 1:]
-            logits = run.model(**batch).logits[:, :-1]
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                                     reduction="none").view_as(labels)
-            per_row = torch.stack([losses.sum(1), (labels != IGNORE).sum(1).float()], dim=1)
-            totals += run.accelerator.gather_for_metrics(per_row).sum(0).double().cpu()
+        with run.accelerator.autocast():
+            for indices, batch in run.eval_batches(eval_set.dataset, f"eval {eval_set.split}", self.collator):
+                if indices:  # not a batch that only evens the processes' counts
+                    totals += response_loss_sums(model, batch, chunk).cpu()
+        totals = sum(gather_object([totals]))
         loss = float(totals[0] / totals[1])
         return {"heldout_loss": loss, "heldout_perplexity": math.exp(min(loss, 700.0))}
 
@@ -384,10 +400,12 @@ class InstructTask:
         def progress(batches):
             return tqdm(batches, desc=f"eval {eval_set.split}", leave=False, disable=not run.show_progress)
 
+        model = run.unwrapped_model
         with accelerator.autocast():
-            likelihoods = mmlu.answer_loglikelihoods(run.unwrapped_model, [q for _, q in shard],
-                                                     int(run.tcfg.eval_batch_size), accelerator.device,
-                                                     self.tokenizer.pad_token_id, progress)
+            likelihoods = mmlu.answer_loglikelihoods(
+                model, [q for _, q in shard], eval_tokens(run.tcfg, accelerator.device.type), accelerator.device,
+                self.tokenizer.pad_token_id, progress, max_rows=run.tcfg.eval_batch_size,
+                max_scored=logit_positions(model.config.vocab_size))
         answers = dict(gather_object([(i, mmlu.best_answer(row, q.lengths))
                                       for (i, q), row in zip(shard, likelihoods)]))
         questions = eval_set.dataset

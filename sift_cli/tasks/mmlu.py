@@ -33,6 +33,7 @@ import datasets
 import torch
 import torch.nn.functional as F
 
+from sift_cli.batching import token_batches
 from sift_cli.errors import SiftError
 
 LETTERS = ("A", "B", "C", "D")
@@ -230,25 +231,32 @@ def encode_question(tokenizer, question: Question, shots: list[Question], max_le
 
 # ---- scoring ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def answer_loglikelihoods(model, questions: list[EncodedQuestion], batch_size: int, device, pad_id: int,
-                          progress=lambda batches: batches) -> list[list[float]]:
+def answer_loglikelihoods(model, questions: list[EncodedQuestion], max_tokens: int, device, pad_id: int,
+                          progress=lambda batches: batches, max_rows: int | None = None,
+                          max_scored: int | None = None) -> list[list[float]]:
     """The log-likelihood of each possible answer after the prompt, per question.
 
     An answer's log-likelihood is the sum over its continuation tokens; the sequence fed to the model is
     the prompt plus all but the last continuation token, so answers sharing that sequence (all four
     letters, usually) share one forward pass. Sequences are padded on the left, so the positions that predict
-    the continuations are the last ones of every row and only their logits are computed.
+    the continuations are the last ones of every row and only their logits are computed. Batches hold at most
+    `max_tokens` tokens (rows x longest, sift_cli/batching.py), `max_rows` rows, and rows x continuation
+    positions within `max_scored` (the full-vocabulary logits made at once).
     """
     requests: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # sequence -> (question, answer) it scores
     for q_index, q in enumerate(questions):
         for choice, cont in enumerate(q.continuations):
             requests.setdefault(q.context + cont[:-1], []).append((q_index, choice))
     likelihoods = [[0.0] * len(q.continuations) for q in questions]
-    order = sorted(requests, key=len, reverse=True)
-    for start in progress(range(0, len(order), batch_size)):
-        batch = order[start:start + batch_size]
+    order = list(requests)
+    keeps = [max(len(questions[i].continuations[c]) for i, c in requests[prefix]) for prefix in order]
+    if max_scored is not None and order:
+        cap = max(1, max_scored // max(keeps))
+        max_rows = min(max_rows, cap) if max_rows else cap
+    for rows in progress(token_batches([len(prefix) for prefix in order], max_tokens, max_rows)):
+        batch = [order[r] for r in rows]
         width = len(batch[0])
-        keep = max(len(questions[i].continuations[c]) for prefix in batch for i, c in requests[prefix])
+        keep = max(keeps[r] for r in rows)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, prefix in enumerate(batch):

@@ -35,8 +35,10 @@ def warmed_up(tmp_path, steps: int, lrs: list[float], weight_decay: float = 0.0,
 def test_selection_ranks_the_warmed_up_weights_and_training_goes_on_from_them(tmp_path):
     before = pretrained(tmp_path / "dense")
     warmed = warmed_up(tmp_path / "reference", 2, [WARMUP_LR] * 2)
+    # torch's unfused AdamW on both sides: the fused kernel rounds differently, which lr 0.05 magnifies
     job = make_job(tmp_path / "magnitude", [*SETTING, "method=magnitude", "method.sparse_rate=0.02",
-                                            "method.warmup_steps=2", f"method.warmup_lr={WARMUP_LR}"])
+                                            "method.warmup_steps=2", f"method.warmup_lr={WARMUP_LR}",
+                                            "trainer.fused_optimizer=false"])
     targets = set(job.method.targets)
     assert chosen(job) == per_tensor_top({n: warmed[n].abs() for n in targets}, 0.02)
     assert chosen(job) != per_tensor_top({n: before[n].abs() for n in targets}, 0.02)  # the warm-up mattered

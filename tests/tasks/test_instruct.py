@@ -17,7 +17,8 @@ from sift_cli.models import load_tokenizer
 from sift_cli.run import Job
 from sift_cli.table import main as sift_table
 from sift_cli.tasks import build_task
-from sift_cli.tasks.instruct import IGNORE, CausalCollator, PromptTemplates, encode_examples, pack
+from sift_cli.tasks.instruct import (IGNORE, CausalCollator, PromptTemplates, encode_examples, pack,
+                                     response_loss_sums)
 from tests.conftest import accelerate_launch, compose_config, make_job
 from tests.tasks.instruct_helpers import ROWS, instruct_overrides, make_data_root
 
@@ -319,3 +320,44 @@ def test_generations_are_saved_and_logged_as_a_wandb_table(tmp_path, data_root):
     assert all(isinstance(r["response"], str) for r in rows)
     [(data, step)] = logged
     assert step == 0 and isinstance(data["generations"], wandb.Table) and len(data["generations"].data) == 2
+
+
+def test_heldout_loss_in_token_batches_and_logit_chunks_is_one_plain_pass(tmp_path, data_root):
+    """Token-budget batches, the language-model head on response positions only and in chunks: the loss of
+    one plain forward pass over the whole set, with LoRA's adapters in the path."""
+    job = make_job(tmp_path, [*instruct_overrides(data_root), "method=lora", "data.heldout_size=6",
+                              "trainer.eval_tokens=200", "trainer.eval_batch_size=null"])
+    model, heldout = job.trainer.unwrapped_model, job.data.select
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    head_rows, shapes = [], []
+    hooks = [model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_rows.append(len(args[0]))),
+             model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)]
+    metrics = job.task.evaluate(job.trainer.context, heldout)
+    for hook in hooks:
+        hook.remove()
+    batch = job.data.collator([heldout.dataset[i] for i in range(len(heldout.dataset))])
+    with torch.no_grad():
+        expected = model.eval()(**batch).loss.item()  # Hugging Face's mean over the shifted, unmasked labels
+    assert metrics["heldout_loss"] == pytest.approx(expected, rel=1e-5)
+    assert len(shapes) > 1 and all(rows * width <= 200 or rows == 1 for rows, width in shapes)
+    scored = int((batch["labels"][:, 1:] != IGNORE).sum())
+    # the model's own head saw one position per row; ours only the positions that predict a response token
+    assert sum(head_rows) == sum(rows for rows, _ in shapes) + scored
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_response_loss_sums_do_not_depend_on_the_chunk(tmp_path, data_root, chunk):
+    job = make_job(tmp_path, [*instruct_overrides(data_root), "method=full_ft"])
+    batch = job.data.collator([job.data.select.dataset[i] for i in range(len(job.data.select.dataset))])
+    model = job.trainer.unwrapped_model.eval()
+    with torch.no_grad():
+        total, count = response_loss_sums(model, batch, chunk).tolist()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                                 reduction="sum")
+    assert count == int((targets != IGNORE).sum()) and total == pytest.approx(expected.item(), rel=1e-5)

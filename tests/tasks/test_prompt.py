@@ -75,7 +75,7 @@ def test_regression_tasks_refuse_a_prompt():
 def test_the_logits_are_the_mlm_scores_of_the_label_words_at_the_mask(tmp_path):
     job = make_job(tmp_path, PROMPTED)
     model = job.trainer.unwrapped_model.eval()
-    batch = next(iter(job.trainer._loader(job.data.tests[0])))
+    _, batch = next(iter(job.trainer.eval_batches(job.data.tests[0].dataset, "eval")))
     out = model(**batch)
     full = model.mlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     rows, positions = (batch["input_ids"] == job.task.prompt.mask_token_id).nonzero(as_tuple=True)

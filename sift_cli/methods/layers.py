@@ -1,6 +1,6 @@
 """Per-layer PEFT strategies for BERT/RoBERTa encoders: where each attaches, and what one layer of it costs.
 
-`adapter`, `prefix` and `s4` all place strategies on chosen layers, so the attachment and the
+`adapter`, `prefix`, `s4` and `unipelt` all place strategies on chosen layers, so the attachment and the
 parameter-cost model live here once. Every strategy states its cost per layer as `fixed + unit * size`
 (`LayerCost`), which is what the S4 budget rule solves for; the tests check that the modules attached
 have exactly that many parameters.
@@ -8,8 +8,8 @@ have exactly that many parameters.
 Adapters and prefixes are our own modules (adapters attached with forward hooks, prefixes through the
 attention interface), so the checkpoint's parameter names stay as they are (BitFit still finds its biases
 by name): peft has no bottleneck adapter, and its prefix tuning feeds a cache to the whole model, so it
-cannot put a prefix on some layers only. LoRA
-goes through peft (`layers_to_transform` picks the layers, `rank_pattern` gives each layer its rank).
+cannot put a prefix on some layers only. LoRA goes through peft (`layers_to_transform` picks the layers,
+`rank_pattern` gives each layer its rank), except UniPELT's gated LoRA, which peft does not have.
 """
 
 from __future__ import annotations
@@ -391,10 +391,6 @@ def attach_gated_lora(layer: nn.Module, targets: list[str], rank: int) -> list[n
         linear.register_forward_hook(linear.gated_lora.after)
         added.append(linear.gated_lora)
     return added
-
-
-def gated_lora_cost(layer: nn.Module, targets: list[str], rank: int) -> int:
-    return sum(rank * (m.in_features + m.out_features) + m.in_features + 1 for m in _lora_targets(layer, targets))
 
 
 # ---- what trains -----------------------------------------------------------------------------------

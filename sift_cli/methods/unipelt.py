@@ -18,7 +18,7 @@ from sift_cli.errors import SiftError
 from sift_cli.methods import register_method
 from sift_cli.methods.base import Method, Settings, is_count
 from sift_cli.methods.layers import (
-    attach_adapters, attach_gated_lora, attach_shared_prefix, encoder_layers, gated_lora_cost, train_only,
+    attach_adapters, attach_gated_lora, attach_shared_prefix, encoder_layers, lora_cost, train_only,
 )
 
 
@@ -61,7 +61,7 @@ class UniPELT(Method):
     def check_model(self, model):
         layers = encoder_layers(model, self.name)
         self.bottleneck(layers)
-        gated_lora_cost(layers[0], list(self.cfg.lora_targets), 1)
+        lora_cost(layers[0], list(self.cfg.lora_targets))  # the targets are Linear modules of each layer
 
     def prepare(self, model, ctx):
         cfg = self.cfg

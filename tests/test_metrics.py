@@ -66,3 +66,35 @@ def test_calibration_bins_by_hand():
     assert np.isnan(bins["accuracy"][0]) and np.isnan(bins["confidence"][0])
     # |1 - 0.5| + |0 - 0.7| + |1 - 0.75| + |1 - 1|, each weighted 1/4
     assert expected_calibration_error(probs, labels) == pytest.approx((0.5 + 0.7 + 0.25 + 0.0) / 4)
+
+
+def test_glue_metrics_equal_what_evaluates_glue_metric_computes():
+    """evaluate's `glue` metric: accuracy as the mean of matches, sklearn's f1_score and matthews_corrcoef,
+    scipy's pearsonr and spearmanr; random predictions with ties."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(500, 2)), rng.integers(0, 2, 500)
+    m = glue_metrics(logits, labels, ["accuracy", "f1", "matthews_correlation"])
+    preds = logits.argmax(1)
+    assert m["accuracy"] == pytest.approx((preds == labels).mean(), abs=1e-15)
+    assert m["f1"] == pytest.approx(f1_score(labels, preds), abs=1e-15)
+    assert m["matthews_correlation"] == pytest.approx(matthews_corrcoef(labels, preds), abs=1e-15)
+    scores, gold = rng.integers(0, 6, (500, 1)).astype(float), rng.integers(0, 6, 500).astype(float)  # ties
+    m = glue_metrics(scores, gold, ["pearson", "spearmanr"])
+    assert m["pearson"] == pytest.approx(pearsonr(scores[:, 0], gold)[0], abs=1e-12)
+    assert m["spearmanr"] == pytest.approx(spearmanr(scores[:, 0], gold)[0], abs=1e-12)
+
+
+def test_ece_equals_torchmetrics_procedure():
+    """torchmetrics' multiclass calibration error (l1, 10 bins) re-derived: the top probability's bin by
+    bucketize over 11 equal boundaries, then sum over bins of |accuracy - confidence| x the bin's share."""
+    rng = np.random.default_rng(1)
+    logits, labels = rng.normal(size=(1000, 3)) * 2, rng.integers(0, 3, 1000)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    confidence, correct = probs.max(1), (probs.argmax(1) == labels).astype(float)
+    bins = np.clip(np.searchsorted(np.linspace(0, 1, 11), confidence, side="right") - 1, 0, 9)
+    expected = sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+                   for b in range(10) if (bins == b).any())
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected, abs=1e-15)

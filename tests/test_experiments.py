@@ -193,6 +193,13 @@ def test_sam_cpu_table_runs_every_method_at_one_rate_on_the_tasks_of_the_data_ro
         assert all(list((REAL_DATA / task).glob("train.*")) for task in params["task"])
 
 
+def test_sift_cpu_table_runs_three_seeds_on_tasks_the_data_root_trains_on():
+    params = sweep_params("sift_glue_cpu")
+    assert len(params["seed"]) >= 3 and params["method"] == sweep_params("sift_glue")["method"]
+    if REAL_DATA is not None:
+        assert all(list((REAL_DATA / task).glob("train.*")) for task in params["task"])
+
+
 def test_design_spaces_groups_fit_each_model():
     assert list(compose_job("design_spaces_glue", []).method.groups) == [2, 4, 4, 2]
     assert list(compose_job("design_spaces_glue_cpu", []).method.groups) == [1, 2, 2, 1]
@@ -216,7 +223,7 @@ def sift_run(tmp_path, *args):
 
 @pytest.mark.slow
 def test_a_cpu_table_runs_as_a_sweep_with_its_protocol(tmp_path):
-    results = sift_run(tmp_path, "experiment=sift_glue_cpu", "task=glue/rte", "method=sift,full_ft",
+    results = sift_run(tmp_path, "experiment=sift_glue_cpu", "task=glue/rte", "method=sift,full_ft", "seed=42",
                        "trainer.epochs=1")
     by_method = {r["method"]: r for r in results}
     assert set(by_method) == {"sift", "full_ft"} and all(r["status"] == "completed" for r in results)

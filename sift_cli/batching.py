@@ -1,5 +1,7 @@
-"""Evaluation batches bounded by tokens, not rows: what an evaluation holds at once is set by
-`trainer.eval_tokens`, whatever the prompt length or the number of examples.
+"""Batches bounded by tokens, not rows: what an evaluation holds at once is set by `trainer.eval_tokens`,
+whatever the prompt length or the number of examples, and a training step that would keep more activations
+than `trainer.train_tokens` allows runs its batch in slices of rows (`micro_batches`), whose gradients add up
+to the whole batch's.
 
 Rows are sorted longest first and packed while rows x longest row (the padded batch) stays within the
 budget; a row longer than the budget runs alone. Every process scores its share of the batches (as many
@@ -60,6 +62,36 @@ def token_batches(widths: Sequence[int], max_tokens: int, max_rows: int | None =
     if current:
         batches.append(current)
     return batches
+
+
+def micro_batches(batch: dict, max_tokens: int | None) -> list[tuple[dict, float]]:
+    """A padded training batch as consecutive slices of rows of at most `max_tokens` tokens each (sequences x
+    width; one row at least), each with its share of the batch's loss terms, so that the sum of share x the
+    slice's mean loss is the batch's mean loss. The terms are what the loss averages over: the labelled tokens
+    of a language model (labels other than -100, shifted by one as causal LMs predict the next token), else
+    the rows. A slice without a labelled token is left out (its mean loss is 0/0): its share is zero."""
+    rows = len(batch["input_ids"])
+    per_row = batch["input_ids"][0].numel()
+    size = rows if max_tokens is None else max(1, max_tokens // per_row)
+    if size >= rows:
+        return [(batch, 1.0)]
+    slices = [{key: value[start:start + size] if torch.is_tensor(value) and value.dim() > 0
+               and len(value) == rows else value for key, value in batch.items()}
+              for start in range(0, rows, size)]
+    terms = [loss_terms(part) for part in slices]
+    total = sum(terms)
+    if total == 0:  # no labelled token at all: the whole batch, whose loss says so
+        return [(batch, 1.0)]
+    return [(part, count / total) for part, count in zip(slices, terms) if count]
+
+
+def loss_terms(batch: dict) -> int:
+    """How many terms a batch's mean loss averages: its labelled next tokens when labels are per token, else
+    its rows."""
+    labels = batch.get("labels")
+    if labels is None or labels.dim() < 2:
+        return len(batch["input_ids"])
+    return int((labels[..., 1:] != -100).sum())
 
 
 def shard(batches: list[list[int]], process_index: int, num_processes: int) -> list[tuple[list[int], bool]]:

@@ -64,6 +64,10 @@ def validate(cfg: DictConfig) -> None:
     _need(t.eval_tokens == "auto" or (isinstance(t.eval_tokens, int) and not isinstance(t.eval_tokens, bool)
                                       and t.eval_tokens >= 1),
           f"trainer.eval_tokens must be a positive integer or auto, got {t.eval_tokens!r}")
+    train_tokens = t.get("train_tokens")
+    _need(train_tokens in ("auto", None) or (isinstance(train_tokens, int) and not isinstance(train_tokens, bool)
+                                            and train_tokens >= 1),
+          f"trainer.train_tokens must be a positive integer, auto or null, got {train_tokens!r}")
     _need(isinstance(t.memory_check, bool), f"trainer.memory_check must be true or false, got {t.memory_check!r}")
     for key in ("max_steps", "eval_every", "eval_batch_size"):
         _positive_int(t[key], f"trainer.{key}", allow_null=True)

@@ -20,7 +20,10 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 FINGERPRINT_FILE = "fingerprint"
 _NOT_IN_FINGERPRINT = ("logger", "resume", "skip_completed", "runs_dir")
-_TRAINER_NOT_IN_FINGERPRINT = ("progress_bar", "checkpoint_every", "eval_batch_size", "eval_tokens", "memory_check")
+# How evaluation and training batches are cut for memory: the same gradients and scores (up to the order of
+# float sums and, for training with dropout, which masks are drawn)
+_TRAINER_NOT_IN_FINGERPRINT = ("progress_bar", "checkpoint_every", "eval_batch_size", "eval_tokens", "train_tokens",
+                               "memory_check")
 
 
 def fingerprint(cfg: DictConfig) -> str:

@@ -9,6 +9,7 @@ evaluation. Methods see the loop only through `sift_cli.context` (a `RunContext`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from sift_cli.batching import eval_tokens, restore_order, row_widths, shard, token_batches
+from sift_cli.batching import eval_tokens, micro_batches, restore_order, row_widths, shard, token_batches
 from sift_cli.context import FitResult, Loop, RunContext
 from sift_cli.errors import Interrupted, SiftError, TrainingDiverged
 from sift_cli.results import write_bytes_atomic
@@ -91,6 +92,16 @@ def _score(metrics: dict, key: str, maximize: bool) -> float:
     return float(value) if maximize else -float(value)
 
 
+def modelled_architecture(model):
+    """The memory model's view of `model` (sift_cli/memory/model.py), or None where it does not model it."""
+    from sift_cli.memory.model import architecture_of
+
+    try:
+        return architecture_of(model.config)
+    except (AttributeError, SiftError):
+        return None
+
+
 class Trainer:
     """The loop. Built with the model on its device but not yet wrapped for data parallelism: the runner
     lets the method choose its trainable set from data (`Method.select`) and then calls `wrap_model`."""
@@ -123,6 +134,9 @@ class Trainer:
         schedule_length(self.tcfg, self.total_steps, self.steps_per_epoch)  # refuses a schedule shorter than the run
         self.eval_every = int(self.tcfg.eval_every or self.steps_per_epoch)
         self.train_loader = accelerator.prepare_data_loader(loader)
+        self._architecture = modelled_architecture(model)  # for trainer.train_tokens=auto
+        self._micro_batch_tokens: dict[int, int | None] = {}  # by batch width
+        self._log_micro_batches()
         self.model = model.to(accelerator.device)
         self.optimizer = None
         self.scheduler = None
@@ -145,6 +159,29 @@ class Trainer:
         self.context = RunContext(self)  # what the method's hooks and the task's evaluation see
         self.loop = Loop(self)  # what the method's fit drives
         self._wrapped = False
+
+    def micro_batch_tokens(self, width: int) -> int | None:
+        """trainer.train_tokens for a batch padded to `width` (sift_cli/memory/check.py): with `auto`, the
+        memory model's activations per sequence depend on the width (attention's are quadratic in it)."""
+        from sift_cli.memory.check import train_tokens
+
+        if width not in self._micro_batch_tokens:
+            self._micro_batch_tokens[width] = train_tokens(self.cfg, self.method, self._architecture,
+                                                           self.accelerator.device.type, width)
+        return self._micro_batch_tokens[width]
+
+    def _log_micro_batches(self) -> None:
+        """Say when trainer.train_tokens splits the batch that holds the data's longest row."""
+        from sift_cli.memory.check import longest_row
+
+        seq = longest_row(self.data.train)
+        budget = self.micro_batch_tokens(seq)
+        task = self.cfg.task
+        sequences = len(task.choice_columns) if task.kind == "multiple_choice" else 1  # a row's sequences
+        rows = math.ceil(int(self.tcfg.batch_size) / self.accelerator.num_processes)
+        if budget is not None and budget < rows * sequences * seq:
+            log.info("training batches of %d rows run in micro-batches of at most %d tokens (trainer.train_tokens="
+                     "%s, at the longest row's %d), their gradients summed", rows, budget, self.tcfg.train_tokens, seq)
 
     def wrap_model(self) -> None:
         """Wrap the model for data parallelism, which fixes the parameters it synchronises: after the method
@@ -232,15 +269,22 @@ class Trainer:
         return self.method.training_loss(self.context, batch)
 
     def micro_step(self, batch: dict) -> tuple[float, bool]:
-        """Forward and backward of one batch, and the optimizer step once gradients are accumulated.
+        """Forward and backward of one batch (in micro-batches of trainer.train_tokens tokens, each loss weighted
+        by its share of the batch's), and the optimizer step once gradients are accumulated.
 
         Returns the batch loss and whether an optimizer step happened. The loss is read once, after the
         step: on a GPU that is the step's only wait for the device, as in a plain loop. A loss that is not
         finite stops the run there (its update is never kept: a failed run saves nothing).
         """
         with self.accelerator.accumulate(self.model):
-            loss = self.compute_loss(batch)
-            self.accelerator.backward(loss)
+            parts = micro_batches(batch, self.micro_batch_tokens(batch["input_ids"].shape[-1]))
+            loss = 0.0
+            for index, (part, share) in enumerate(parts):
+                last = index == len(parts) - 1  # the backward that synchronises gradients across processes
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                    part_loss = self.compute_loss(part)
+                    self.accelerator.backward(part_loss * share)
+                loss = loss + share * part_loss.detach()
             stepped = self.accelerator.sync_gradients
             if stepped:
                 if self.tcfg.max_grad_norm:

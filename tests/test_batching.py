@@ -1,11 +1,13 @@
-"""Evaluation batches by token budget: the packing, its bound, the shares of processes and the order restored."""
+"""Batches by token budget: evaluation's packing, its bound, the shares of processes and the order restored;
+training's micro-batches and the share of the batch's loss each carries."""
 
 import random
 
 import pytest
 import torch
 
-from sift_cli.batching import EVAL_TOKENS, eval_tokens, restore_order, row_widths, shard, token_batches
+from sift_cli.batching import (EVAL_TOKENS, eval_tokens, micro_batches, restore_order, row_widths, shard,
+                               token_batches)
 from tests.conftest import compose_config
 
 
@@ -66,3 +68,31 @@ def test_the_budget_is_a_number_or_auto_per_device():
     assert tcfg.eval_tokens == "auto" and tcfg.eval_batch_size is None
     assert eval_tokens(tcfg, "cpu") == EVAL_TOKENS["cpu"] and eval_tokens(tcfg, "cuda") == EVAL_TOKENS["cuda"]
     assert eval_tokens(compose_config(["trainer.eval_tokens=512"]).trainer, "cuda") == 512
+
+
+def test_a_training_batch_splits_into_consecutive_rows_within_the_budget():
+    batch = {"input_ids": torch.arange(5 * 4).view(5, 4), "labels": torch.tensor([0, 1, 0, 1, 1]), "note": "kept"}
+    parts = micro_batches(batch, max_tokens=9)  # two rows of 4 tokens a slice
+    assert [part["input_ids"][:, 0].tolist() for part, _ in parts] == [[0, 4], [8, 12], [16]]
+    assert [share for _, share in parts] == pytest.approx([2 / 5, 2 / 5, 1 / 5])  # a class label per row
+    assert all(part["note"] == "kept" for part, _ in parts)
+    assert micro_batches(batch, None) == [(batch, 1.0)] and micro_batches(batch, 20) == [(batch, 1.0)]
+    assert len(micro_batches(batch, 1)) == 5  # a row wider than the budget runs alone
+    # a multiple-choice row of 2 choices x 3 tokens holds 6 tokens
+    choices = {"input_ids": torch.zeros(4, 2, 3, dtype=torch.long), "labels": torch.tensor([0, 1, 1, 0])}
+    assert [len(part["input_ids"]) for part, _ in micro_batches(choices, 12)] == [2, 2]
+
+
+def test_a_language_models_slices_weigh_by_their_labelled_next_tokens():
+    ignore = -100
+    labels = torch.tensor([[ignore, 5, 6, 7],          # 3 predicted tokens (the first position predicts nothing)
+                           [9, ignore, ignore, 4],      # 1: its first label is never a target
+                           [ignore, ignore, ignore, ignore],
+                           [ignore, ignore, 2, 3]])     # 2
+    batch = {"input_ids": torch.ones(4, 4, dtype=torch.long), "labels": labels}
+    parts = micro_batches(batch, max_tokens=4)
+    # the row without a labelled token is left out: its mean loss is 0/0 and its share 0
+    assert [share for _, share in parts] == pytest.approx([3 / 6, 1 / 6, 2 / 6])
+    assert [part["labels"][0, -1].item() for part, _ in parts] == [7, 4, 3]
+    empty = {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.full((2, 4), ignore)}
+    assert micro_batches(empty, 4) == [(empty, 1.0)]  # nothing to learn from: the whole batch says so (NaN)

@@ -198,3 +198,37 @@ def test_eval_batch_size_still_caps_the_rows(tmp_path):
     job.trainer.predict(job.data.tests[0])
     hook.remove()
     assert max(rows for rows, _ in shapes) == 3 and sum(rows for rows, _ in shapes) == len(job.data.tests[0].dataset)
+
+
+@pytest.mark.parametrize("kind, method", [("classifier", "full_ft"), ("classifier", "sift"), ("classifier", "prefix"),
+                                          ("causal_lm", "full_ft"), ("causal_lm", "lora")])
+def test_micro_batches_give_the_whole_batchs_gradient(tmp_path, kind, method):
+    """trainer.train_tokens=1 runs each row alone; the summed gradient is autograd's of the whole batch's loss
+    (a language model's mean over every labelled token of the batch, not a mean of the rows' means)."""
+    from sift_cli.batching import micro_batches
+    from tests.tasks.instruct_helpers import instruct_overrides, make_data_root
+
+    common = ["trainer.train_tokens=1", "model.dropout=0.0", "trainer.max_grad_norm=null", f"method={method}"]
+    overrides = ([*instruct_overrides(make_data_root(tmp_path / "data")), "trainer.batch_size=4"]
+                 if kind == "causal_lm" else [*FAST, "task=glue/mrpc", "trainer.batch_size=4"])
+    if method == "lora":
+        common.append("method.dropout=0.0")
+    job = make_job(tmp_path, [*overrides, *common])
+    trainer = job.trainer
+    trainer.ensure_optimizer()
+    model = trainer.unwrapped_model
+    batch = trainer.next_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = torch.autograd.grad(model(**batch).loss, params, allow_unused=True)
+    assert len(micro_batches(batch, trainer.micro_batch_tokens(batch["input_ids"].shape[-1]))) > 1
+    if kind == "causal_lm":  # rows hold different numbers of labelled tokens, so the weighting matters
+        assert len(set((batch["labels"][:, 1:] != -100).sum(1).tolist())) > 1
+    summed = []
+    trainer.gradient_callbacks.append(lambda t: summed.extend(p.grad.clone() if p.grad is not None else None
+                                                              for p in params))
+    trainer.micro_step(batch)
+    for expected, got in zip(reference, summed):
+        if expected is None:
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -1,8 +1,9 @@
 """Will the run fit? The memory model's peak for a run against the memory the machine has available, checked
 twice before the model loads (`trainer.memory_check=false` skips it): before the data load, with what every
 run of the config needs, and once the data are tokenised, with the longest training row. Training batches are
-padded to their longest row, so the batch that holds the longest row is trainer.batch_size x that row: the
-training step is predicted at that size, not at task.max_length (which real rows rarely reach).
+padded to their longest row, so the batch that holds the longest row is trainer.batch_size x that row, run in
+micro-batches of at most trainer.train_tokens tokens: the training step is predicted at the micro-batch that
+holds the longest row, not at task.max_length (which real rows rarely reach).
 
 The peak is the larger of a training step (`predict`: weights, buffers, gradients, optimizer state,
 activations) and an evaluation during training (what stays between steps, plus a forward pass over
@@ -20,6 +21,9 @@ from pathlib import Path
 from sift_cli.errors import SiftError
 from sift_cli.memory.model import DTYPE_BYTES, GIB, Architecture, Setting, architecture_of, evaluation_bytes, predict
 
+# trainer.train_tokens=auto on a CPU: training micro-batches whose activations the memory model puts within
+# this (on a GPU, whole batches: memory_check says when one would not fit)
+CPU_TRAIN_ACTIVATIONS = 2**29
 RUNTIME_BYTES = 2**29  # the process besides its tensors: torch and the libraries (~0.5 GB resident), a CUDA context
 PRECISIONS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # model.dtype -> the memory model's
 
@@ -51,17 +55,48 @@ def available_bytes(device) -> int | None:
     return None
 
 
+def step_setting(cfg, device: str, seq: int, sequences: int) -> Setting:
+    """The memory model's setting of a training step of `cfg` over `sequences` sequences of `seq` tokens."""
+    task = cfg.task
+    choices = len(task.choice_columns) if task.kind == "multiple_choice" else 1
+    return Setting(batch=sequences, seq=max(1, seq), precision=PRECISIONS[cfg.model.dtype],
+                   grad_checkpointing=bool(cfg.model.gradient_checkpointing), adam_dtype="weights", device=device,
+                   num_labels=int(task.get("num_labels") or choices))
+
+
+def train_tokens(cfg, method, arch: Architecture | None, device: str, seq: int) -> int | None:
+    """The tokens (sequences x width) a training micro-batch may hold, with training rows of `seq` tokens at
+    most: trainer.train_tokens, or with `auto` on a CPU as many as keep the activations the memory model
+    predicts for `method` (full fine-tuning's where it does not model the method) within
+    CPU_TRAIN_ACTIVATIONS; None: whole batches (and with `auto` where the architecture is not modelled)."""
+    value = cfg.trainer.get("train_tokens")
+    if value != "auto":
+        return None if value is None else int(value)
+    if device != "cpu" or arch is None:
+        return None
+    setting = step_setting(cfg, device, seq, 1)
+    try:
+        step = predict(arch, method, setting)
+    except SiftError:
+        step = predict(arch, "full_ft", setting)
+    per_sequence = step.activations + step.recompute
+    return max(1, CPU_TRAIN_ACTIVATIONS // per_sequence) * max(1, seq)
+
+
 def run_peak(cfg, method, arch: Architecture, device: str, seq: int, processes: int = 1) -> RunPeak:
     """The peak of `cfg`'s run on a `device` type with training rows of `seq` tokens at most, per process
-    (trainer.batch_size is split over `processes`); processes on a CPU share its memory."""
+    (trainer.batch_size is split over `processes`, and run in micro-batches of trainer.train_tokens); processes
+    on a CPU share its memory."""
     from sift_cli.batching import eval_tokens, logit_positions
 
     tcfg, task = cfg.trainer, cfg.task
     choices = len(task.choice_columns) if task.kind == "multiple_choice" else 1
     precision = PRECISIONS[cfg.model.dtype]
-    setting = Setting(batch=math.ceil(int(tcfg.batch_size) / processes) * choices, seq=max(1, seq),
-                      precision=precision, grad_checkpointing=bool(cfg.model.gradient_checkpointing),
-                      adam_dtype="weights", device=device, num_labels=int(task.get("num_labels") or choices))
+    rows = math.ceil(int(tcfg.batch_size) / processes)
+    budget = train_tokens(cfg, method, arch, device, seq)
+    if budget is not None:
+        rows = min(rows, max(1, budget // (max(1, seq) * choices)))
+    setting = step_setting(cfg, device, seq, rows * choices)
     step = predict(arch, method, setting)
     between_steps = step.weights + step.buffers + step.master_weights + step.optimizer
     if device == "cpu" and tcfg.select_on != "last":  # the best trainable state so far, copied to the CPU
@@ -108,5 +143,5 @@ def check_memory(cfg, method, device, processes: int, train=None) -> None:
     shared = f" for {peak.processes} processes" if peak.processes > 1 else ""
     raise SiftError(f"this run needs about {peak.total / GIB:.1f} GiB{shared} (training step "
                     f"{peak.training / GIB:.1f} GiB, evaluation {peak.evaluation / GIB:.1f} GiB, from the memory "
-                    f"model) but {where} {available / GIB:.1f} GiB available; lower trainer.batch_size, "
+                    f"model) but {where} {available / GIB:.1f} GiB available; lower trainer.train_tokens, "
                     f"task.max_length or trainer.eval_tokens, or set trainer.memory_check=false to run anyway")

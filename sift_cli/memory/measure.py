@@ -291,7 +291,8 @@ def measure_step(trainer, batch: int, seq: int) -> dict:
     gc.collect()
     with StepPeaks() as peaks, SavedActivations(trainer.unwrapped_model) as saved:
         harness.step()
-    return {**harness.state_bytes(), "activation_bytes": saved.peak, "num_labels": trainer.task.num_labels,
+    return {**harness.state_bytes(), "activation_bytes": saved.peak,
+            "num_labels": getattr(trainer.task, "num_labels", None),  # None: a language model
             "step_rss_increase": peaks.rss, "step_allocated_increase": peaks.allocated}
 
 

@@ -68,11 +68,12 @@ def train_tokens(cfg, method, arch: Architecture | None, device: str, seq: int) 
     """The tokens (sequences x width) a training micro-batch may hold, with training rows of `seq` tokens at
     most: trainer.train_tokens, or with `auto` on a CPU as many as keep the activations the memory model
     predicts for `method` (full fine-tuning's where it does not model the method) within
-    CPU_TRAIN_ACTIVATIONS; None: whole batches (and with `auto` where the architecture is not modelled)."""
+    CPU_TRAIN_ACTIVATIONS; None: whole batches (and with `auto` where the architecture is not modelled, or for
+    a method that draws random weights once per batch: `Method.draws_weights`)."""
     value = cfg.trainer.get("train_tokens")
     if value != "auto":
         return None if value is None else int(value)
-    if device != "cpu" or arch is None:
+    if device != "cpu" or arch is None or method.draws_weights:
         return None
     setting = step_setting(cfg, device, seq, 1)
     try:

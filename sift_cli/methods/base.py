@@ -72,6 +72,9 @@ class Settings:
 class Method:
     name = "base"
     Settings: ClassVar[type[Settings]] = Settings
+    # Whether training_loss draws random weights (noise, masks) at each call, once per batch in the published
+    # algorithm: trainer.train_tokens=auto then keeps batches whole, since micro-batches would each draw their own.
+    draws_weights: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg  # method.* checked against `Settings` (build_method)

@@ -64,6 +64,7 @@ class MixoutSettings(Settings):
 @register_method
 class Mixout(Method):
     name = "mixout"
+    draws_weights = True
     Settings = MixoutSettings
 
     def __init__(self, cfg):

@@ -211,6 +211,7 @@ def _mean_abs(params: list[torch.Tensor]) -> float:
 @register_method
 class PACTuning(Wrapper):
     name = "pac"
+    draws_weights = True
     Settings = PACSettings
 
     def __init__(self, cfg):

@@ -112,6 +112,17 @@ def test_training_micro_batches_bound_the_step_on_a_cpu():
     assert peak_of([*base, "trainer.batch_size=64"], 200).training == split.training
 
 
+@pytest.mark.parametrize("name, whole", [("full_ft", False), ("sift", False), ("mixout", True), ("pac", True)])
+def test_methods_that_draw_random_weights_keep_whole_batches(name, whole):
+    """Mixout's masks and PAC's noise are drawn at each forward, once per batch as published: micro-batches would
+    each draw their own, so `auto` does not split their batches (an explicit budget still does)."""
+    cfg = compose_config(["model=minilm-l6", f"method={name}", "task=glue/mrpc"])
+    method, arch = build_method(cfg.method, cfg), load_architecture("minilm-l6")
+    assert (train_tokens(cfg, method, arch, "cpu", 128) is None) == whole
+    assert train_tokens(compose_config(["model=minilm-l6", f"method={name}", "trainer.train_tokens=256"]), method,
+                        arch, "cpu", 128) == 256
+
+
 def test_the_longest_row_of_plain_and_multiple_choice_sets():
     assert longest_row(Dataset.from_dict({"input_ids": [[1, 2], [1, 2, 3, 4], [5]]}).select([0, 2])) == 2
     assert longest_row(Dataset.from_dict({"input_ids": [[[1], [1, 2, 3]], [[1, 2], [1]]]})) == 3

@@ -32,6 +32,7 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 from sift_cli.batching import eval_tokens, micro_batches, restore_order, row_widths, shard, token_batches
 from sift_cli.context import FitResult, Loop, RunContext
 from sift_cli.errors import Interrupted, SiftError, TrainingDiverged
+from sift_cli.memory.check import modelled_architecture
 from sift_cli.results import write_bytes_atomic
 from sift_cli.runs import CHECKPOINT_DIR, CHECKPOINT_FILE, FINGERPRINT_FILE
 from sift_cli.tasks.base import EvalSet, TaskData
@@ -90,16 +91,6 @@ def _score(metrics: dict, key: str, maximize: bool) -> float:
     if value is None or math.isnan(value):
         return -math.inf
     return float(value) if maximize else -float(value)
-
-
-def modelled_architecture(model):
-    """The memory model's view of `model` (sift_cli/memory/model.py), or None where it does not model it."""
-    from sift_cli.memory.model import architecture_of
-
-    try:
-        return architecture_of(model.config)
-    except (AttributeError, SiftError):
-        return None
 
 
 class Trainer:
@@ -172,12 +163,11 @@ class Trainer:
 
     def _log_micro_batches(self) -> None:
         """Say when trainer.train_tokens splits the batch that holds the data's longest row."""
-        from sift_cli.memory.check import longest_row
+        from sift_cli.memory.check import longest_row, sequences_per_row
 
         seq = longest_row(self.data.train)
         budget = self.micro_batch_tokens(seq)
-        task = self.cfg.task
-        sequences = len(task.choice_columns) if task.kind == "multiple_choice" else 1  # a row's sequences
+        sequences = sequences_per_row(self.cfg.task)
         rows = math.ceil(int(self.tcfg.batch_size) / self.accelerator.num_processes)
         if budget is not None and budget < rows * sequences * seq:
             log.info("training batches of %d rows run in micro-batches of at most %d tokens (trainer.train_tokens="

@@ -55,13 +55,24 @@ def available_bytes(device) -> int | None:
     return None
 
 
+def sequences_per_row(task) -> int:
+    """The sequences one row of a task's batches holds: a multiple-choice row one per choice."""
+    return len(task.choice_columns) if task.kind == "multiple_choice" else 1
+
+
+def modelled_architecture(model) -> Architecture | None:
+    """The memory model's view of a loaded `model`, or None where it does not model it."""
+    try:
+        return architecture_of(model.config)
+    except (AttributeError, SiftError):
+        return None
+
+
 def step_setting(cfg, device: str, seq: int, sequences: int) -> Setting:
     """The memory model's setting of a training step of `cfg` over `sequences` sequences of `seq` tokens."""
-    task = cfg.task
-    choices = len(task.choice_columns) if task.kind == "multiple_choice" else 1
     return Setting(batch=sequences, seq=max(1, seq), precision=PRECISIONS[cfg.model.dtype],
                    grad_checkpointing=bool(cfg.model.gradient_checkpointing), adam_dtype="weights", device=device,
-                   num_labels=int(task.get("num_labels") or choices))
+                   num_labels=int(cfg.task.get("num_labels") or sequences_per_row(cfg.task)))
 
 
 def train_tokens(cfg, method, arch: Architecture | None, device: str, seq: int) -> int | None:
@@ -90,8 +101,8 @@ def run_peak(cfg, method, arch: Architecture, device: str, seq: int, processes: 
     on a CPU share its memory."""
     from sift_cli.batching import eval_tokens, logit_positions
 
-    tcfg, task = cfg.trainer, cfg.task
-    choices = len(task.choice_columns) if task.kind == "multiple_choice" else 1
+    tcfg = cfg.trainer
+    choices = sequences_per_row(cfg.task)
     precision = PRECISIONS[cfg.model.dtype]
     rows = math.ceil(int(tcfg.batch_size) / processes)
     budget = train_tokens(cfg, method, arch, device, seq)

@@ -44,12 +44,21 @@ def _read(path: Path) -> dict | None:
 
 
 def completed_run(root: Path, print_: str) -> Path | None:
-    """A run directory under `root` whose results.json is completed for this fingerprint."""
+    """A run directory under `root` whose results.json is completed for this fingerprint: the one it recorded,
+    or the one its recorded config has today (a rule that now leaves out a new key such as trainer.train_tokens
+    still knows the run; a sweep picks its config files up at each job, its code at the start)."""
     for path in sorted(Path(root).rglob("results.json")):
         results = _read(path)
-        if results and results.get("status") == "completed" and results.get("fingerprint") == print_:
+        if not (results and results.get("status") == "completed"):
+            continue
+        if results.get("fingerprint") == print_ or _recorded_config_print(results) == print_:
             return path.parent
     return None
+
+
+def _recorded_config_print(results: dict) -> str | None:
+    config = results.get("config")
+    return fingerprint(OmegaConf.create(config)) if isinstance(config, dict) else None
 
 
 def _checkpoint_of(run_dir: Path) -> str | None:

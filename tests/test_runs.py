@@ -46,3 +46,20 @@ def test_an_unreadable_record_is_never_overwritten(tmp_path):
     (tmp_path / "results.json").write_text("{half")
     with pytest.raises(SiftError, match="unreadable"):
         held_in(tmp_path, THIS)
+
+
+def test_a_completed_run_is_known_by_its_recorded_config_when_its_recorded_print_is_stale(tmp_path):
+    """A sweep reads config files at each job but its code at the start: a run recorded before the code left
+    trainer.train_tokens out of the fingerprint is still this config's run, and a run of another lr is not."""
+    from omegaconf import OmegaConf
+
+    from sift_cli.runs import completed_run, fingerprint
+
+    for name, lr in (("old", 1e-4), ("other", 2e-4)):
+        (tmp_path / name).mkdir()
+        record = {"status": "completed", "fingerprint": "x" * 64,
+                  "config": {"trainer": {"lr": lr, "train_tokens": "auto"}, "runs_dir": f"runs/{name}"}}
+        (tmp_path / name / "results.json").write_text(json.dumps(record))
+    today = fingerprint(OmegaConf.create({"trainer": {"lr": 1e-4}, "runs_dir": "elsewhere"}))
+    assert completed_run(tmp_path, today) == tmp_path / "old"
+    assert completed_run(tmp_path, fingerprint(OmegaConf.create({"trainer": {"lr": 3e-4}}))) is None

@@ -1,10 +1,11 @@
 """Write docs/results.md from the runs of scripts/reproduce_cpu.sh: per experiment, what it reproduces, the
 command that ran it, its wall time, and the tables and plots `sift-table` makes of its runs (beside the
-paper's numbers), each under the exact command that made it.
+paper's numbers, and its claims marked holds / does not hold), each under the exact command that made it, then
+what the runs show, from docs/findings/EXPERIMENT.md where someone has written it.
 
     python scripts/results_report.py --runs runs/reproduce --output docs/results.md
 
-Everything shown comes from the tools' own output; an experiment that has not run yet is listed as such.
+Every number shown comes from the tools' own output; an experiment that has not run yet is listed as such.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def _dotted(record: dict, key: str):
     return record
 
 
-def section_for_runs(experiment: str, folder: Path, output: Path) -> list[str]:
+def section_for_runs(experiment: str, folder: Path, output: Path, findings: Path) -> list[str]:
     rel = os.path.relpath(folder, ROOT)
     plots = output.parent / "results" / experiment
     family = experiment.split("_")[0]
@@ -137,6 +138,14 @@ def section_for_runs(experiment: str, folder: Path, output: Path) -> list[str]:
         shown, text, notes = tool([rel, *recorded(folder, PAPER_FILTER.get(family, [])), "--paper", paper])
         lines += [f"`{shown}`", ""] + ([text.strip(), ""] if text.strip() else []) + [f"> {n}" for n in notes]
         lines.append("")
+        shown, text, notes = tool([rel, "--paper", paper, "--claims"])
+        lines += ["**The paper's claims at this scale**", "", f"`{shown}`", "", text.strip(), ""]
+        lines += [f"> {n}" for n in notes if "error" in n] + [""]
+    written = findings / f"{experiment}.md"
+    if written.exists():
+        link = os.path.relpath(written, output.parent)
+        lines += [f"**What the runs show** (written by hand after reading them: [{link}]({link}))", "",
+                  written.read_text().strip(), ""]
     return lines
 
 
@@ -150,7 +159,7 @@ def section_for_bench(folder: Path) -> list[str]:
     return lines
 
 
-def report(runs: Path, output: Path) -> str:
+def report(runs: Path, output: Path, findings: Path) -> str:
     lines = ["# Results at CPU scale", "",
              "What `scripts/reproduce_cpu.sh` gives on a small machine: every paper table's `_cpu` experiment "
              "(conf/experiment/), the commands that ran it, and the tables and plots `sift-table` makes of the "
@@ -167,7 +176,8 @@ def report(runs: Path, output: Path) -> str:
             continue
         lines += [f"Command: `{(folder / 'command.txt').read_text().strip()}`", "",
                   f"Wall time: {wall_times(folder)}.", ""]
-        lines += section_for_bench(folder) if experiment == BENCH else section_for_runs(experiment, folder, output)
+        lines += (section_for_bench(folder) if experiment == BENCH
+                  else section_for_runs(experiment, folder, output, findings))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -175,9 +185,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--findings", type=Path, default=ROOT / "docs" / "findings",
+                        help="per experiment, EXPERIMENT.md: what its runs show, written by hand after reading them")
     args = parser.parse_args(argv)
     try:
-        text = report(args.runs.resolve(), args.output.resolve())
+        text = report(args.runs.resolve(), args.output.resolve(), args.findings.resolve())
         args.output.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(args.output, text.encode())
     except (SiftError, OSError) as err:

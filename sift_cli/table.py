@@ -356,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--paper", help="beside a paper's published numbers (sift_cli/papers/NAME.csv): "
                                         "sift, sam, design_spaces, pac, graft")
     parser.add_argument("--paper-table", help="which of the paper's tables (default: the one the runs match)")
+    parser.add_argument("--claims", action="store_true",
+                        help="with --paper: check the paper's claims (sift_cli/papers/claims.yaml) on the runs and on "
+                             "its own numbers, each marked holds / does not hold")
     return parser
 
 
@@ -365,8 +368,10 @@ def main(argv: list[str] | None = None) -> None:
         runs = load_results(args.paths)
         kept = apply_filters(runs, args.filter)
         group_by = [k.strip() for k in args.group_by.split(",")]
-        if args.paper_table and not args.paper:
-            raise SiftError("--paper-table needs --paper")
+        if (args.paper_table or args.claims) and not args.paper:
+            raise SiftError(f"{'--claims' if args.claims else '--paper-table'} needs --paper")
+        if args.claims and args.format != "md":
+            raise SiftError("--claims prints Markdown only")
         if args.paper and group_by != ["method"]:
             raise SiftError("--paper compares methods: leave --group-by at method (use --filter to pick runs)")
         if not (args.metric or args.paper):  # a paper's tables pick their own metrics
@@ -377,7 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         header = summary(len(runs), table)
         if args.format == "csv" or args.paper:
             print(f"sift-table: {header}", file=sys.stderr)
-        if args.paper:
+        if args.claims:
+            from sift_cli.papers.claims import check, render as render_claims
+
+            text = render_claims(check(kept, args.paper))
+        elif args.paper:
             from sift_cli.papers.compare import compare, render as render_paper
 
             text = render_paper(compare(kept, args.paper, args.paper_table, args.stat), args.format)

@@ -70,8 +70,12 @@ def fake_reproduction(root: Path) -> Path:
 def test_the_report_shows_each_experiment_with_the_tools_output(tmp_path):
     runs = fake_reproduction(tmp_path)
     output = tmp_path / "docs" / "results.md"
+    findings = tmp_path / "findings"
+    findings.mkdir()
+    (findings / "sift_glue_cpu.md").write_text("SIFT's learning rate is too low for 120 steps.\n")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_report.py"), "--runs", str(runs),
-                          "--output", str(output)], capture_output=True, text=True, timeout=600)
+                          "--output", str(output), "--findings", str(findings)],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     text = output.read_text()
     glue = text[text.index("## sift_glue_cpu"):]
@@ -85,6 +89,11 @@ def test_the_report_shows_each_experiment_with_the_tools_output(tmp_path):
     for plot in ("budget_curve.png", "task_bars.png"):
         assert (tmp_path / "docs" / "results" / "sift_glue_cpu" / plot).stat().st_size > 0
         assert f"(results/sift_glue_cpu/{plot})" in glue
+    claims = glue[glue.index("**The paper's claims at this scale**"):]
+    assert "--paper sift --claims`" in claims
+    assert "| SIFT matches full fine-tuning on GLUE | sift − full_ft ≥ -1 |" in claims
+    assert "(written by hand after reading them: [../findings/sift_glue_cpu.md](../findings/sift_glue_cpu.md))" \
+        "\n\nSIFT's learning rate is too low for 120 steps." in glue
     memory = text[text.index("## sift_memory_cpu"):]
     assert "| minilm-l6 | 128 | sift |" in memory and "| sift | no | 51.41 |" in memory
     graft_section = text[text.index("## graft_lmbff_table_cpu"):]

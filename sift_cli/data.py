@@ -134,6 +134,28 @@ def sample_k_shot(classes: np.ndarray, k: int, seed: int, earlier_seeds=()) -> t
     return np.array(train), np.array(dev)
 
 
+def whole_sentences(texts: list[str]) -> np.ndarray:
+    """The rows whose text is no proper run of words of another row's, in their order: from a treebank's
+    phrase-level file (GLUE's SST-2 lists every phrase of each sentence's parse tree), its whole sentences.
+
+    Longest first, each row not already known to be inside a longer one marks the rows its shorter runs of
+    words are; a row inside a marked row is inside its container too, so only those rows are expanded.
+    """
+    words = [text.split() for text in texts]
+    present = {" ".join(w) for w in words}
+    inside: set[str] = set()
+    for i in sorted(range(len(words)), key=lambda i: -len(words[i])):
+        row = words[i]
+        if " ".join(row) in inside:
+            continue
+        for start in range(len(row)):
+            for end in range(start + 1, len(row) + 1 - (start == 0)):
+                run = " ".join(row[start:end])
+                if run in present:
+                    inside.add(run)
+    return np.array([i for i, w in enumerate(words) if " ".join(w) not in inside], dtype=int)
+
+
 def seeds_before(chain, seed: int) -> list[int]:
     """The shuffles LM-BFF's script ran on a header-less file before `seed`: the seeds ahead of it in `chain`
     (the script's --seed list, in order); none when `seed` is not in the chain or there is no chain."""

@@ -26,6 +26,10 @@ _TRAINER_NOT_IN_FINGERPRINT = ("progress_bar", "checkpoint_every", "eval_batch_s
                                "memory_check")
 
 
+# How k-shot rows are drawn, which a run without data.k_shot never uses
+_TASK_K_SHOT_ONLY = ("k_shot_buckets", "k_shot_seed_chain", "k_shot_pool")
+
+
 def fingerprint(cfg: DictConfig) -> str:
     config = OmegaConf.to_container(cfg, resolve=True)
     for key in _NOT_IN_FINGERPRINT:
@@ -33,6 +37,9 @@ def fingerprint(cfg: DictConfig) -> str:
     for key in _TRAINER_NOT_IN_FINGERPRINT:
         config.get("trainer", {}).pop(key, None)
     config.get("data", {}).pop("num_workers", None)
+    if isinstance(config.get("task"), dict) and config.get("data", {}).get("k_shot") is None:
+        for key in _TASK_K_SHOT_ONLY:
+            config["task"].pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sift_cli.data import BUNDLED_DATA, find_local_split, read_local, sample_k_shot, seeds_before, split_off
+from sift_cli.data import (BUNDLED_DATA, find_local_split, read_local, sample_k_shot, seeds_before, split_off,
+                           whole_sentences)
 from sift_cli.errors import SiftError
 from sift_cli.models import load_tokenizer
 from sift_cli.tasks import build_task
@@ -184,6 +185,65 @@ def test_a_k_shot_run_trains_on_lm_bffs_rows_in_their_order(task, seed):
         assert [ids.tolist() for ids in got["input_ids"]] == expected
     assert data.info["k_shot_shuffle_seeds"] == seeds_before(cfg.task.k_shot_seed_chain, seed) + [seed]
     assert len(data.train) == 3 * (2 if task == "STS-B" else cfg.task.num_labels)
+
+
+def test_whole_sentences_are_the_rows_no_other_row_holds_as_a_run_of_words():
+    texts = ["the film is good .", "the film", "is good", "a bad film .", "film", "the film is good .", "good .",
+             "he film"]
+    # "he film" is inside "the film" as characters, not as words; a repeated sentence stays twice
+    assert whole_sentences(texts).tolist() == [0, 3, 5, 7]
+
+
+def test_glue_s_sst2_holds_its_sentences_and_their_phrases(real_data):
+    texts = read_local(real_data / "glue" / "sst2" / "train.jsonl")["sentence"]
+    validation = read_local(real_data / "glue" / "sst2" / "validation.jsonl")["sentence"]
+    sentences = whole_sentences(texts)
+    assert len(texts) == 67349 and len(sentences) == 6885  # LM-BFF's SST-2 train: 6,920 sentences
+
+    def mean_words(rows):
+        return sum(len(t.split()) for t in rows) / len(rows)
+
+    assert mean_words(texts) < 10 and abs(mean_words([texts[i] for i in sentences]) - mean_words(validation)) < 0.5
+
+
+def test_sst2_s_k_shot_rows_are_lm_bffs_rows_from_the_sentences_of_a_file_of_phrases_too(tmp_path):
+    """GLUE's SST-2 lists each sentence's phrases beside it; the k-shot draw is LM-BFF's script run on the
+    sentences alone (its SST-2 train), in their order."""
+    sentences = fixture_rows("SST-2")
+    rows = []
+    for r in sentences:  # each sentence, then two of its phrases with their own labels, as the treebank has
+        words = r["sentence"].split()
+        rows += [r, {**r, "sentence": " ".join(words[-3:]), "label": 1 - r["label"]},
+                 {**r, "sentence": " ".join(words[:2]), "label": r["label"]}]
+    folder = tmp_path / "glue" / "sst2"
+    folder.mkdir(parents=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "validation.jsonl").write_text((FIXTURES / "glue" / "sst2" / "validation.jsonl").read_text())
+    overrides = [f"data.dir={tmp_path}", "task=glue/sst2", "data.k_shot=3", "data.seed=13", "model=tiny-bert"]
+    cfg = compose_config(overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_task(cfg, tokenizer).load()
+    by_line = {TSV["SST-2"][1](r): r for r in sentences}
+    train, dev = lmbff_script("SST-2", tsv_lines("SST-2", sentences), k=3)[13]
+    for got, lines in ((data.train, train), (data.select.dataset, dev)):
+        expected = tokenizer([by_line[line]["sentence"] for line in lines], truncation=True, max_length=128)
+        assert [ids.tolist() for ids in got["input_ids"]] == expected["input_ids"]
+    assert data.info["k_shot_pool"] == "whole_sentences" and data.info["k_shot_pool_rows"] == len(sentences)
+    every_row = build_task(compose_config([*overrides, "task.k_shot_pool=all"]), tokenizer).load()
+    assert every_row.info["k_shot_pool"] == "all" and "k_shot_pool_rows" not in every_row.info
+    assert [ids.tolist() for ids in every_row.train["input_ids"]] != [ids.tolist() for ids in data.train["input_ids"]]
+    with pytest.raises(SiftError, match="task.k_shot_pool must be one of all, whole_sentences, got 'some'"):
+        build_task(compose_config([*overrides, "task.k_shot_pool=some"]), tokenizer).load()
+
+
+def test_k_shot_settings_are_in_the_fingerprint_only_of_k_shot_runs():
+    from sift_cli.runs import fingerprint
+
+    def print_of(*overrides):
+        return fingerprint(compose_config(["task=glue/sst2", *overrides]))
+
+    assert print_of("data.k_shot=null") == print_of("data.k_shot=null", "task.k_shot_pool=all")
+    assert print_of("data.k_shot=16") != print_of("data.k_shot=16", "task.k_shot_pool=all")
 
 
 @pytest.mark.parametrize("chain", ["5", "[13,x]", "[13,true]"])

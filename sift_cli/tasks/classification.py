@@ -20,8 +20,8 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 from transformers import DataCollatorWithPadding
 
-from sift_cli.data import (LOCAL_FORMATS, find_local_split, line_of, load_split, read_local, sample_k_shot,
-                           seeds_before, split_off)
+from sift_cli.data import (LOCAL_FORMATS, find_local_split, line_of, load_split, log, read_local,
+                           sample_k_shot, seeds_before, split_off, whole_sentences)
 from sift_cli.errors import SiftError
 from sift_cli.metrics import check_metric_names, glue_metrics
 from sift_cli.models import load_classifier
@@ -30,6 +30,7 @@ from sift_cli.tasks.base import EvalSet, TaskData, few_shot_select_on
 from sift_cli.tasks.prompt import PromptTemplate, load_prompt_model
 
 EXTRA_EVAL_KEYS = {"name", "split", "path", "local_dir", "text_columns", "label_column"}
+K_SHOT_POOLS = ("all", "whole_sentences")
 
 
 def split_training_set(train: Dataset, classes, data, select_on: str, seed_chain=None
@@ -150,7 +151,10 @@ class ClassificationTask:
         chain = self._seed_chain()
         if data.k_shot is not None:
             info["k_shot_shuffle_seeds"] = [*seeds_before(chain, int(data.seed)), int(data.seed)]
-        train, select = split_training_set(self._read(self.task.train_split), self._classes, data, select_on, chain)
+        train = self._read(self.task.train_split)
+        if data.k_shot is not None:
+            train = self._k_shot_pool(train, info)
+        train, select = split_training_set(train, self._classes, data, select_on, chain)
         tests = [EvalSet(split, suffix or "", capped(self._read(split), data))
                  for split, suffix in self.task.eval_splits.items()]
         tests += [EvalSet(name, f"_{name}", capped(ds, data)) for name, ds in self._extra_eval_sets(tests)]
@@ -164,6 +168,25 @@ class ClassificationTask:
             collator=DataCollatorWithPadding(self.tokenizer),
             info=info,
         )
+
+    def _k_shot_pool(self, train: Dataset, info: dict) -> Dataset:
+        """The rows LM-BFF's training file holds: `task.k_shot_pool=whole_sentences` keeps a phrase-level
+        file's whole sentences (SST-2: GLUE's 67,349 rows hold every phrase of the treebank's parse trees,
+        LM-BFF's SST-2 train its 6,920 sentences; the rows no other row contains are 6,885)."""
+        pool = self.task.get("k_shot_pool") or "all"
+        if pool not in K_SHOT_POOLS:
+            raise SiftError(f"task.k_shot_pool must be one of {', '.join(K_SHOT_POOLS)}, got '{pool}'")
+        info["k_shot_pool"] = pool
+        if pool == "all":
+            return train
+        if len(self.task.text_columns) != 1:
+            raise SiftError("task.k_shot_pool=whole_sentences reads one text column; this task has "
+                            f"{len(self.task.text_columns)}")
+        rows = whole_sentences(train[self.task.text_columns[0]])
+        log.info("data: %s k-shot rows drawn from the %d of %d training rows no other row contains "
+                 "(task.k_shot_pool=whole_sentences)", self.task.name, len(rows), len(train))
+        info["k_shot_pool_rows"] = len(rows)
+        return train.select(rows)
 
     def _extra_eval_sets(self, tests: list[EvalSet]):
         """(name, rows) of each `task.extra_eval` entry, its columns renamed to the task's own."""

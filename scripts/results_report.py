@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sift_cli.config import CONFIG_DIR, available_options  # noqa: E402
+from sift_cli.config import CONFIG_DIR, available_options, sweep_size  # noqa: E402
 from sift_cli.errors import SiftError  # noqa: E402
 from sift_cli.results import write_bytes_atomic  # noqa: E402
 
@@ -72,14 +72,16 @@ def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def wall_times(folder: Path) -> str:
-    """Jobs, their summed and longest wall time, and the last invocation's elapsed time."""
+def wall_times(folder: Path, planned: int | None = None) -> str:
+    """Jobs (of the `planned` the sweep launches), their summed and longest wall time, and the last
+    invocation's elapsed time."""
     records = [json.loads(p.read_text()) for p in folder.rglob("results.json")]
     parts = []
     if records:
         times = [r.get("wall_time_s") or 0.0 for r in records]
         done = sum(r.get("status") == "completed" for r in records)
-        parts.append(f"{len(records)} jobs ({done} completed), {hours(sum(times))} of job wall time in all, "
+        of = f" of the sweep's {planned}" if planned else ""
+        parts.append(f"{len(records)}{of} jobs ({done} completed), {hours(sum(times))} of job wall time in all, "
                      f"the longest {hours(max(times))}")
     invocation = folder / "invocation.json"
     if invocation.exists():
@@ -175,7 +177,7 @@ def report(runs: Path, output: Path, findings: Path) -> str:
             lines += ["Not run yet.", ""]
             continue
         lines += [f"Command: `{(folder / 'command.txt').read_text().strip()}`", "",
-                  f"Wall time: {wall_times(folder)}.", ""]
+                  f"Wall time: {wall_times(folder, None if experiment == BENCH else sweep_size(experiment))}.", ""]
         lines += (section_for_bench(folder) if experiment == BENCH
                   else section_for_runs(experiment, folder, output, findings))
     return "\n".join(lines).rstrip() + "\n"

@@ -20,16 +20,29 @@ OPTIMIZERS = ("adamw", "sgd")
 MODEL_HEADS = ("default", "cls_linear")
 
 
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     """The config `sift-run OVERRIDES` would run, composed outside a Hydra app (sift-bench, sift-memory)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
+
+
+def sweep_size(experiment: str) -> int:
+    """How many jobs `sift-run -m experiment=NAME` launches: the product of its swept keys' value counts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = compose([f"experiment={experiment}"], return_hydra_config=True).hydra.sweeper.params or {}
+    parser = OverridesParser.create()
+    size = 1
+    for key, value in params.items():
+        [override] = parser.parse_overrides([f"{key}={value}"])
+        size *= len(list(override.sweep_string_iterator())) if override.is_sweep_override() else 1
+    return size
 
 
 def available_options(group: str) -> list[str]:

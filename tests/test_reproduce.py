@@ -81,7 +81,7 @@ def test_the_report_shows_each_experiment_with_the_tools_output(tmp_path):
     glue = text[text.index("## sift_glue_cpu"):]
     glue = glue[:glue.index("\n## ")]
     assert "Command: `sift-run -m experiment=sift_glue_cpu skip_completed=true" in glue
-    assert "Wall time: 4 jobs (4 completed), 6.0 min of job wall time in all, the longest 1.5 min; " \
+    assert "Wall time: 4 of the sweep's 60 jobs (4 completed), 6.0 min of job wall time in all, the longest 1.5 min; " \
            "the last invocation took 6.7 min" in glue
     assert "`sift-table " in glue and "--plot" in glue and "| full_ft" in glue and "trainable %" in glue
     assert "32.0 ± 2.8" in glue  # (30 + 34) / 2, std over the two seeds

@@ -7,6 +7,9 @@
 #   SIFT_DATA_DIR=/path/to/data scripts/reproduce_cpu.sh sift_glue_cpu   # some experiments
 #   SIFT_DATA_DIR=/path/to/data scripts/reproduce_cpu.sh sam_glue_superglue_cpu -- seed=1   # a slice of one
 #
+# With several cores, run one single-threaded job per core:
+#   OMP_NUM_THREADS=1 SIFT_DATA_DIR=... scripts/reproduce_cpu.sh sam_glue_superglue_cpu -- hydra/launcher=joblib \
+#       hydra.launcher.n_jobs=2
 # Overrides after `--` go to every sift-run and into the command the report shows. The data root holds glue/,
 # superglue/ (cb, copa, wsc), alpaca/ and mmlu/ (see README.md, Data). Running it again continues: completed
 # jobs are skipped (skip_completed=true) and unfinished ones resume from their checkpoints. REPRODUCE_DIR

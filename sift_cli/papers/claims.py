@@ -1,4 +1,4 @@
-"""`sift-table RUNS --claims PAPER`: each claim of a paper checked on the runs and on the paper's own numbers.
+"""`sift-table RUNS --paper PAPER --claims`: each claim of a paper checked on the runs and on the paper's own numbers.
 
 `claims.yaml` states, per paper, what its tables claim as a comparison of two sides over tasks:
 
@@ -10,8 +10,7 @@
 - `source`: where the paper makes the claim;
 - `paper_methods`: the published row (a method of papers/PAPER.csv) each label stands for, where the label is
   not one; `paper_table`: which of the paper's tables the claim is about;
-- `filter`: KEY=VALUE pairs that pick the runs, as sift-table's --filter; `missing`: why a side can have no
-  number (said when it has none).
+- `missing`: why a side can have no number (said when it has none).
 
 The verdict is taken on the means over seeds: `holds` or `does not hold`, marked "within one standard error"
 when the margin lies inside one standard error of the difference (two rows: independent runs; one row with two
@@ -28,10 +27,10 @@ import yaml
 
 from sift_cli.errors import SiftError
 from sift_cli.papers import PAPERS_DIR, load_paper
-from sift_cli.table import aggregate, apply_filters
+from sift_cli.table import aggregate
 
 CLAIMS_FILE = PAPERS_DIR / "claims.yaml"
-KEYS = {"claim", "source", "a", "b", "a_metric", "b_metric", "margin", "ratio", "over", "group_by", "filter",
+KEYS = {"claim", "source", "a", "b", "a_metric", "b_metric", "margin", "ratio", "over", "group_by",
         "paper_methods", "paper_table", "missing"}
 
 
@@ -48,7 +47,6 @@ class Claim:
     ratio: float | None = None
     over: str = "average"
     group_by: tuple[str, ...] = ("method",)
-    filter: tuple[str, ...] = ()
     paper_methods: dict = field(default_factory=dict, hash=False)
     paper_table: str | None = None
     missing: str | None = None
@@ -106,7 +104,7 @@ def load_claims(paper: str) -> list[Claim]:
                       ratio=float(item["ratio"]) if "ratio" in item else None,
                       over=item.get("over", "average"),
                       group_by=tuple(k.strip() for k in item.get("group_by", "method").split(",")),
-                      filter=tuple(item.get("filter", [])), paper_methods=dict(item.get("paper_methods", {})),
+                      paper_methods=dict(item.get("paper_methods", {})),
                       paper_table=item.get("paper_table"), missing=item.get("missing"))
         for label in (claim.a, *claim.b):
             method = claim.paper_methods.get(label, label)
@@ -175,7 +173,6 @@ def _compare_text(claim: Claim, a: float, b: float, se: float) -> str:
 
 def check_runs(runs: pd.DataFrame, claim: Claim) -> tuple[str, str]:
     """(what our runs give, the verdict) for one claim."""
-    runs = apply_filters(runs, list(claim.filter)) if claim.filter else runs
     a_table, a_runs = _cells(runs, claim, claim.a_metric)
     b_table, b_runs = (a_table, a_runs) if claim.b_metric == claim.a_metric else _cells(runs, claim, claim.b_metric)
     parts, verdicts = [], []

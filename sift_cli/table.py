@@ -53,7 +53,8 @@ def _warn(message: str) -> None:
 
 def load_results(paths) -> pd.DataFrame:
     """Read every results.json under `paths`, one row per run, nested keys flattened to dotted columns
-    (metrics.ece, selection.on, config.data.k_shot) so any of them can be a filter or a row key."""
+    (metrics.ece, selection.on, config.data.k_shot; a list of records by position) so any of them can be a
+    filter or a row key."""
     records = []
     for root in map(Path, paths):
         if not root.exists():
@@ -67,10 +68,20 @@ def load_results(paths) -> pd.DataFrame:
             if not isinstance(record, dict) or not {"status", "task", "method"} <= record.keys():
                 _warn(f"skipping {file}: not a results file (no status, task or method)")
                 continue
-            records.append({**record, "file": str(file)})
+            records.append({**_numbered(record), "file": str(file)})
     if not records:
         raise SiftError(f"no readable {RESULTS_FILE} under {', '.join(map(str, paths))}")
     return pd.json_normalize(records)
+
+
+def _numbered(value):
+    """Lists of records become records keyed by position, so that their numbers get dotted keys too: the
+    graft's sparsity sweep gives method_info.sparsity_sweep.3.gain_kept.grafted."""
+    if isinstance(value, dict):
+        return {key: _numbered(item) for key, item in value.items()}
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        return {str(i): _numbered(item) for i, item in enumerate(value)}
+    return value
 
 
 def _label(value) -> str:

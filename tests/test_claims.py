@@ -115,6 +115,15 @@ def test_the_shipped_claims_load_for_every_reproduced_paper():
         assert paper in available_papers() and load_claims(paper)
 
 
+def test_the_graft_claims_read_the_sweep_s_row_of_sparsity_1e_4():
+    from tests.conftest import compose_config
+
+    rows = {c.a_metric.split(".")[2] for c in load_claims("graft") if "sparsity_sweep" in (c.a_metric or "")}
+    for experiment in ("graft_lmbff", "graft_lmbff_table_cpu"):
+        sweep = list(compose_config([f"experiment={experiment}"]).method.sparsity_sweep)
+        assert rows == {"3"} and sweep[3] == 1e-4
+
+
 def test_sift_s_claims_on_the_shipped_table_against_runs_by_hand(tmp_path):
     root = tmp_path / "runs"
     for seed, (sift, full) in enumerate([(0.30, 0.60), (0.34, 0.64)], start=1):

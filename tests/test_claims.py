@@ -139,3 +139,6 @@ def test_sift_s_claims_on_the_shipped_table_against_runs_by_hand(tmp_path):
     # Table 2: SIFT 68.5 and 96.2, FULL 68.0 and 96.4, margin -1
     assert matches_full.paper.endswith("over cola, sst2 (roberta-large): holds")
     assert check(load_results([root]), "sift")[1].verdict.startswith("not testable: no run recorded lora")
+    write_run(root, "full_ft", "mrpc", 1, {"accuracy": 0.7})  # a task SIFT did not run: in neither comparison
+    again = check(load_results([root]), "sift")[0]
+    assert again.ours.endswith("over cola, sst2 (n ≥ 2)") and "over cola, sst2 (roberta-large)" in again.paper

@@ -171,14 +171,15 @@ def _compare_text(claim: Claim, a: float, b: float, se: float) -> str:
     return _number(a - b) + (f" ± {se:.1f}" if not math.isnan(se) else "")
 
 
-def check_runs(runs: pd.DataFrame, claim: Claim) -> tuple[str, str]:
-    """(what our runs give, the verdict) for one claim."""
+def check_runs(runs: pd.DataFrame, claim: Claim) -> tuple[str, str, list[str]]:
+    """(what our runs give, the verdict, the tasks compared) for one claim."""
     a_table, a_runs = _cells(runs, claim, claim.a_metric)
     b_table, b_runs = (a_table, a_runs) if claim.b_metric == claim.a_metric else _cells(runs, claim, claim.b_metric)
-    parts, verdicts = [], []
+    parts, verdicts, compared = [], [], set()
     for b_label in claim.b:
         a, b = _side_cells(a_table, claim.a), _side_cells(b_table, b_label)
         tasks = sorted(set(a.index) & set(b.index))
+        compared |= set(tasks)
         if not tasks:
             empty = [f"{label} ({metric or 'main score'})" for label, metric, side in
                      ((claim.a, claim.a_metric, a), (b_label, claim.b_metric, b)) if side.empty]
@@ -202,7 +203,7 @@ def check_runs(runs: pd.DataFrame, claim: Claim) -> tuple[str, str]:
         parts.append(f"{head}{'; '.join(texts)}{tail} (n ≥ {runs_n})")
         verdicts.append(("holds" if all(passed) else "does not hold")
                         + (" (within one standard error)" if any(close) else ""))
-    return "; ".join(parts), _join_verdicts(verdicts)
+    return "; ".join(parts), _join_verdicts(verdicts), sorted(compared)
 
 
 def _join_verdicts(verdicts: list[str]) -> str:
@@ -216,7 +217,7 @@ def _join_verdicts(verdicts: list[str]) -> str:
 
 # ---- the paper's numbers ---------------------------------------------------------------------------------
 def check_paper(claim: Claim, tasks: list[str] | None) -> str:
-    """The claim on the published numbers, over `tasks` (ours) where the paper has them."""
+    """The claim on the published numbers, over `tasks` (those our runs compared) where the paper has them."""
     stated = f"stated in {claim.source}; no published numbers for it recorded"
     if claim.a_metric != claim.b_metric:
         return stated
@@ -251,9 +252,9 @@ def check_paper(claim: Claim, tasks: list[str] | None) -> str:
 def check(runs: pd.DataFrame, paper: str) -> list[Verdict]:
     verdicts = []
     for claim in load_claims(paper):
-        ours, verdict = check_runs(runs, claim)
-        tasks = sorted(runs["task"].dropna().unique())
-        verdicts.append(Verdict(claim, check_paper(claim, tasks), ours, verdict))
+        ours, verdict, tasks = check_runs(runs, claim)
+        verdicts.append(Verdict(claim, check_paper(claim, tasks or sorted(runs["task"].dropna().unique())),
+                                ours, verdict))
     return verdicts
 
 

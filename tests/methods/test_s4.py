@@ -156,7 +156,7 @@ def test_all_four_strategies_on_one_group_learn_sst2(real_data):
 
     cfg = compose_config(["model=minilm-l6", "method=s4", "method.groups=[6]", "method.budget=0.01",
                           "method.assignment=[[adapter,prefix,bitfit,lora]]", f"data.dir={real_data}",
-                          "data.max_eval_samples=128"])
+                          "data.max_eval_samples=128", "task.k_shot_pool=all"])  # the draw it was measured on
     torch.manual_seed(0)
     task = ClassificationTask(cfg, load_tokenizer(cfg.model))
     data = task.load()  # 16 examples per class

@@ -32,8 +32,8 @@ BENCH = "sift_memory_cpu"  # measured by sift-bench, not trained by sift-run
 # what the paper compares it with, and the pre-trained model and a random graft of the same size are the
 # floor; the gain kept is null unless fine-tuning gained more than two standard errors. A PAC-tuning run's
 # jobs are told apart by their pac_arm, and the share of the most predicted class shows a collapse.
-EXTRA_METRICS = {"graft": ["method_info.models.fine_tuned.accuracy", "method_info.models.pretrained.accuracy",
-                           "method_info.models.random_graft.accuracy", "method_info.gain_kept.grafted",
+EXTRA_METRICS = {"graft": ["method_info.models.fine_tuned.{main}", "method_info.models.pretrained.{main}",
+                           "method_info.models.random_graft.{main}", "method_info.gain_kept.grafted",
                            "method_info.gain_kept.random_graft"],
                  "pac": ["predicted_class_share"]}
 GROUP_BY = {"pac": ["--group-by", "config.pac_arm"], "graft": ["--group-by", "method,config.method.head"]}

@@ -24,6 +24,8 @@ from sift_cli.results import RESULTS_FILE, write_bytes_atomic
 LOWER_IS_BETTER = {"ece", "loss", "perplexity"}
 # Not fractions, so printed as they are instead of x100.
 UNSCALED = {"loss", "perplexity"}
+# In a metric key, stands for each run's own main metric (see with_main_metric).
+MAIN = "{main}"
 # Protocol keys whose values must agree for the numbers in one table to be comparable.
 PROTOCOL_KEYS = ("selection.on", "config.data.k_shot", "model")
 # Libraries whose release can move a number by itself (results.json records their versions).
@@ -124,13 +126,26 @@ def _name_parts(metric: str | None) -> set[str]:
     return set(metric.split("_")) if metric else set()
 
 
+def with_main_metric(df: pd.DataFrame, metric: str | None) -> pd.DataFrame:
+    """A key with `{main}` in it reads each run's own main metric there, so one key compares like with like
+    across tasks: method_info.models.fine_tuned.{main} is a CoLA run's fine-tuned MCC and an SST-2 run's
+    fine-tuned accuracy. The resolved numbers become a column named by the key itself."""
+    if metric is None or MAIN not in metric:
+        return df
+    def own(run: pd.Series):
+        return run.get(metric.replace(MAIN, str(run["main_metric"])))
+    return df.assign(**{metric: df.apply(own, axis=1) if len(df) else []})
+
+
 def aggregate(df: pd.DataFrame, group_by=("method",), metric: str | None = None, stat: str = "mean") -> Table:
     """Collapse seeds into one cell per (row, task): the mean or median of the runs that have a number, their
     std (ddof=1) and how many runs have none (failed, interrupted or a null score), which are counted, not
-    averaged. `metric` picks a key of `metrics`; None means each run's main_score."""
+    averaged. `metric` picks a key of `metrics` or any dotted key (`{main}` in it: each run's main metric);
+    None means each run's main_score."""
     group_by = [_column(df, key) for key in group_by]
     if "task" in group_by:
         raise SiftError("the columns are always tasks, so 'task' cannot be a row key")
+    df = with_main_metric(df, metric)
     column = "main_score" if metric is None else f"metrics.{metric}"
     if metric is not None and column not in df.columns and metric in df.columns:
         column = metric  # another number a run records, e.g. method_info.models.fine_tuned.accuracy
@@ -158,7 +173,7 @@ def aggregate(df: pd.DataFrame, group_by=("method",), metric: str | None = None,
     mains = list(runs["main_metric"].dropna().unique())
     # Without --metric the cells are main scores, whose name decides the direction and the scale (a table of
     # held-out losses is lower-is-better and unscaled); `check_one_kind` refuses main scores of both kinds.
-    named = metric or (mains[0] if mains else None)
+    named = (metric or MAIN).replace(MAIN, mains[0] if mains else "")
     return Table(
         cells=cells,
         tasks=sorted(runs["task"].unique()),

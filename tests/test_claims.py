@@ -142,3 +142,17 @@ def test_sift_s_claims_on_the_shipped_table_against_runs_by_hand(tmp_path):
     write_run(root, "full_ft", "mrpc", 1, {"accuracy": 0.7})  # a task SIFT did not run: in neither comparison
     again = check(load_results([root]), "sift")[0]
     assert again.ours.endswith("over cola, sst2 (n ≥ 2)") and "over cola, sst2 (roberta-large)" in again.paper
+
+
+def test_the_graft_keeps_95_percent_claim_compares_like_metrics_by_hand(tmp_path):
+    """On CoLA the grafted model's MCC is held against the fine-tuned model's MCC, not its accuracy."""
+    root = tmp_path / "runs"
+    for seed, grafted in enumerate([0.20, 0.24], start=1):
+        run = write_run(root, "graft", "cola", seed, {"matthews_correlation": grafted}, "matthews_correlation")
+        record = json.loads((run / "results.json").read_text())
+        record["config"]["method"] = {"head": "probe"}
+        record["method_info"] = {"models": {"fine_tuned": {"matthews_correlation": 0.20, "accuracy": 0.70}}}
+        (run / "results.json").write_text(json.dumps(record))
+    keeps = next(c for c in check(load_results([root]), "graft") if "95%" in c.claim.text and "probe" in c.claim.text)
+    # 22 / 20; per run 20 - 19 and 24 - 19: std 2.83 over 2 runs, se 2.0, 10% of 20
+    assert keeps.ours == "110% ± 10% over cola (n ≥ 2)"

@@ -98,6 +98,19 @@ def test_any_recorded_number_can_be_the_metric(tmp_path, capsys):
     assert "50.0" in row(table(capsys, tmp_path), "graft")
 
 
+def test_main_in_a_key_reads_each_runs_own_main_metric(tmp_path, capsys):
+    """A CoLA run's fine-tuned model is read by its MCC, an SST-2 run's by its accuracy, in one column each."""
+    for task, main_metric, fine_tuned in (("cola", "matthews_correlation", {"matthews_correlation": 0.2,
+                                                                           "accuracy": 0.7}),
+                                          ("sst2", "accuracy", {"accuracy": 0.9})):
+        run = write_run(tmp_path, "graft", task, 1, {main_metric: 0.5}, main_metric=main_metric)
+        record = json.loads((run / "results.json").read_text())
+        record["method_info"] = {"models": {"fine_tuned": fine_tuned}}
+        (run / "results.json").write_text(json.dumps(record))
+    cells = row(table(capsys, tmp_path, "--metric", "method_info.models.fine_tuned.{main}"), "graft")
+    assert "20.0" in cells and "90.0" in cells and "70.0" not in cells
+
+
 def test_mixed_protocols_are_flagged(runs, capsys):
     write(runs, "d1", "lora", "mrpc", 1, 0.7, k_shot=None)
     main([str(runs)])

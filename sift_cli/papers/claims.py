@@ -27,7 +27,7 @@ import yaml
 
 from sift_cli.errors import SiftError
 from sift_cli.papers import PAPERS_DIR, load_paper
-from sift_cli.table import aggregate
+from sift_cli.table import aggregate, with_main_metric
 
 CLAIMS_FILE = PAPERS_DIR / "claims.yaml"
 KEYS = {"claim", "source", "a", "b", "a_metric", "b_metric", "margin", "ratio", "over", "group_by",
@@ -120,6 +120,7 @@ def _cells(runs: pd.DataFrame, claim: Claim, metric: str | None):
     """(table, per-run scores) of one metric, rows labelled by the claim's group_by; (None, None) when no run
     recorded the metric."""
     if metric is not None:
+        runs = with_main_metric(runs, metric)
         column = f"metrics.{metric}" if f"metrics.{metric}" in runs else metric
         if column not in runs or pd.to_numeric(runs[column], errors="coerce").notna().sum() == 0:
             return None, None

@@ -98,7 +98,7 @@ def test_the_report_shows_each_experiment_with_the_tools_output(tmp_path):
     assert "| minilm-l6 | 128 | sift |" in memory and "| sift | no | 51.41 |" in memory
     graft_section = text[text.index("## graft_lmbff_table_cpu"):]
     graft_section = graft_section[:graft_section.index("\n## ")]
-    assert "--metric method_info.models.fine_tuned.{main}`" in graft_section
+    assert "--metric 'method_info.models.fine_tuned.{main}'`" in graft_section
     assert "| graft    | **50.0**" in graft_section and "| graft    | **64.0**" in graft_section
     assert "## pac_glue_table_cpu" in text and "Not run yet." in text.split("## pac_glue_table_cpu")[1]
 
